@@ -1,0 +1,17 @@
+"""zo_plugins: zeroth-order (MeZO-style) fine-tuning inside the training loops you already use."""
+
+from .config import ZOConfig
+from .core.optimizer import ZOEstimate, ZOOptimizer, ZOStepInfo
+
+__version__ = "0.1.0"
+
+__all__ = ["ZOConfig", "ZOOptimizer", "ZOStepInfo", "ZOEstimate", "ZOCallback", "ZOTrainer", "__version__"]
+
+
+def __getattr__(name: str):
+    # transformers is imported only when the HF integration is used.
+    if name in ("ZOCallback", "ZOTrainer", "ZOTrainerMixin"):
+        from .integrations import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'zo_plugins' has no attribute {name!r}")

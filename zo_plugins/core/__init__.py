@@ -1,0 +1,2 @@
+"""The numerical core, framework-free: ``noise`` (keyed directions), ``passes`` (chunked
+passes over parameters) and ``optimizer`` (``ZOOptimizer``)."""

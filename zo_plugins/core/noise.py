@@ -1,0 +1,161 @@
+"""Keyed, counter-based perturbation directions.
+
+A direction element is a pure function ``z(step_seed, tensor_key, element_offset)``: it does
+not depend on the order tensors are visited, on how a tensor is chunked, or on any global RNG
+state, so regeneration, resume, gradient accumulation and data-parallel ranks agree without
+communication. Nothing here touches ``torch.manual_seed`` or the process-global generators.
+
+Two streams:
+
+* ``rademacher`` -- +/-1 signs taken from the bits of Philox-4x32-10 (the generator
+  ``triton.language.randint4x`` implements).  Element ``i`` uses bit ``i % 128`` of the
+  128-bit block produced for counter ``i // 128`` under the 64-bit key
+  ``mix64(step_seed, tensor_key)``.  Integer streams are exact on every backend.  On CPU the
+  PyTorch port costs ~0.3 ns/element because one Philox call yields 128 directions.
+* ``gaussian`` -- standard normals.  A Philox/Box-Muller port in PyTorch ops measured 38 ms per
+  million normals on 2 CPU cores (10x ``Tensor.normal_``), so the PyTorch path draws each
+  block of ``GAUSSIAN_BLOCK`` elements from the device's native generator seeded with
+  ``mix64(step_seed, tensor_key, block_index)``.  Caveat: PyTorch's CPU generator (mt19937)
+  keeps only the low 32 bits of a seed, so two blocks collide with probability 2**-32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+
+import torch
+
+__all__ = [
+    "GAUSSIAN_BLOCK",
+    "PHILOX_BITS",
+    "DISTRIBUTIONS",
+    "mix64",
+    "step_seed",
+    "tensor_key",
+    "philox4x32",
+    "fill_direction_",
+]
+
+MASK64 = (1 << 64) - 1
+MASK32 = 0xFFFFFFFF
+GAUSSIAN_BLOCK = 1 << 16
+"""Elements per independently seeded Gaussian block (part of the stream's definition)."""
+PHILOX_BITS = 128
+"""Directions produced by one Philox-4x32 call (4 x 32 bits)."""
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def mix64(*values: int) -> int:
+    """Hash any number of integers into one well-mixed unsigned 64-bit integer."""
+    h = 0x243F6A8885A308D3
+    for v in values:
+        h = _splitmix64(h ^ (int(v) & MASK64))
+    return h
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of optimizer step ``step`` of a run started with ``seed``."""
+    return mix64(seed, step, 0x5EED)
+
+
+def tensor_key(name: str) -> int:
+    """A stable 64-bit key for a parameter, from its qualified name (never ``id()``)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def philox4x32(counter: torch.Tensor, key: int, rounds: int = 10) -> list[torch.Tensor]:
+    """Philox-4x32-``rounds`` on a 1-D int64 tensor of counters (c1 = c2 = c3 = 0).
+
+    Returns four int64 tensors holding unsigned 32-bit outputs.  int64 multiplication wraps,
+    so the low 64 bits of a 32x32-bit product are exact and give both mulhi and mullo.
+    """
+    k0, k1 = key & MASK32, (key >> 32) & MASK32
+    c0 = counter & MASK32
+    c1 = (counter >> 32) & MASK32
+    zero = torch.zeros_like(c0)
+    c2, c3 = zero, zero
+    for _ in range(rounds):
+        p0 = c0 * _PHILOX_M0
+        p1 = c2 * _PHILOX_M1
+        c0, c1, c2, c3 = (
+            ((p1 >> 32) & MASK32) ^ c1 ^ k0,
+            p1 & MASK32,
+            ((p0 >> 32) & MASK32) ^ c3 ^ k1,
+            p0 & MASK32,
+        )
+        k0 = (k0 + _PHILOX_W0) & MASK32
+        k1 = (k1 + _PHILOX_W1) & MASK32
+    return [c0, c1, c2, c3]
+
+
+@lru_cache(maxsize=8)
+def _sign_table(device: torch.device) -> torch.Tensor:
+    """65536 x 16 table: row v holds +/-1 for the 16 bits of v (bit b -> column b)."""
+    v = torch.arange(1 << 16, device=device, dtype=torch.int32).unsqueeze(1)
+    bits = (v >> torch.arange(16, device=device, dtype=torch.int32)) & 1
+    return bits.to(torch.float32) * 2 - 1
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    gen = _generators.get(device)
+    if gen is None:
+        gen = _generators[device] = torch.Generator(device=device)
+    return gen
+
+
+def _rademacher_(out: torch.Tensor, key: int, offset: int) -> None:
+    n = out.numel()
+    first = offset // PHILOX_BITS
+    last = (offset + n + PHILOX_BITS - 1) // PHILOX_BITS
+    counters = torch.arange(first, last, device=out.device, dtype=torch.int64)
+    words = torch.stack(philox4x32(counters, key), dim=1)  # (m, 4) uint32 in int64
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)
+    signs = torch.index_select(_sign_table(out.device), 0, halves).reshape(-1)
+    start = offset - first * PHILOX_BITS
+    out.copy_(signs[start : start + n])
+
+
+def _gaussian_(out: torch.Tensor, seed: int, key: int, offset: int) -> None:
+    gen = _generator(out.device)
+    n = out.numel()
+    pos = 0
+    while pos < n:
+        element = offset + pos
+        block, within = divmod(element, GAUSSIAN_BLOCK)
+        take = min(GAUSSIAN_BLOCK - within, n - pos)
+        gen.manual_seed(mix64(seed, key, block) & (MASK64 >> 1))
+        if within == 0:
+            out[pos : pos + take].normal_(generator=gen)
+        else:  # unaligned start: draw the block's prefix and keep its tail
+            tmp = torch.empty(within + take, device=out.device, dtype=out.dtype)
+            tmp.normal_(generator=gen)
+            out[pos : pos + take].copy_(tmp[within:])
+        pos += take
+
+
+def fill_direction_(
+    out: torch.Tensor, *, distribution: str, seed: int, key: int, offset: int = 0
+) -> torch.Tensor:
+    """Write the direction elements ``[offset, offset + out.numel())`` of tensor ``key`` at
+    step seed ``seed`` into the 1-D float32 buffer ``out``; returns ``out``."""
+    if distribution == "rademacher":
+        _rademacher_(out, mix64(seed, key), offset)
+    elif distribution == "gaussian":
+        _gaussian_(out, seed, key, offset)
+    else:
+        raise ValueError(f"distribution={distribution!r} is not one of {DISTRIBUTIONS}.")
+    return out

@@ -1,0 +1,519 @@
+"""``ZOOptimizer``: the ``torch.optim`` face of the zeroth-order core.
+
+``step(closure)`` runs ``closure()`` (a no-grad forward returning the loss) at
+``theta + eps*z`` and at ``theta - eps*z``, forms the projected gradient
+``g = (L+ - L-) / (2 eps)`` and applies ``theta <- theta - lr * (g*z + wd*theta)`` with each
+param group's ``lr`` and ``weight_decay`` (so LR schedulers work unchanged).
+
+Integrations (the HF callback, the Lightning strategies) use the two halves separately:
+``estimate(closure, step=t)`` once per micro-batch, then ``apply_update(g, step=t)`` once per
+optimizer step.  No integration re-implements a pass or an update rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ZOConfig
+from .noise import mix64, step_seed, tensor_key
+from .passes import HALF_DTYPES, ParamSpec, perturb_, perturbed_copy, update_
+
+__all__ = ["ZOOptimizer", "ZOStepInfo", "ZOEstimate"]
+
+logger = logging.getLogger("zo_plugins")
+
+
+@dataclass
+class ZOEstimate:
+    """What one ``estimate`` call measured (one micro-batch, all directions)."""
+
+    step: int
+    step_seed: int
+    projected_grads: list[float]
+    losses_plus: list[float]
+    losses_minus: list[float]
+    skipped: bool
+
+    @property
+    def loss(self) -> float:
+        """Mean of all probed losses: the loss to report for this micro-batch."""
+        vals = self.losses_plus + self.losses_minus
+        return sum(vals) / len(vals) if vals else float("nan")
+
+
+@dataclass
+class ZOStepInfo:
+    """``ZOOptimizer.last_step``: what the last optimizer step did."""
+
+    step: int = -1
+    step_seed: int = 0
+    projected_grad: float = float("nan")
+    """Mean over directions of the projected gradient actually applied (after all-reduce)."""
+    loss_plus: float = float("nan")
+    loss_minus: float = float("nan")
+    skipped: bool = False
+    """True if the step was skipped because a loss was NaN/inf (weights left untouched)."""
+    projected_grads: list[float] = field(default_factory=list)
+
+
+def _as_float_loss(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"The closure must return a scalar loss; it returned a tensor of shape "
+                f"{tuple(value.shape)}. Reduce it (e.g. loss.mean()) inside the closure."
+            )
+        return float(value.detach().item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(
+        f"The closure must return the loss as a scalar tensor or a float, not {type(value).__name__}."
+    )
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Zeroth-order SGD (MeZO/SPSA) as a ``torch.optim.Optimizer``.
+
+    Args:
+        params: an ``nn.Module`` (its trainable parameters; noise keys come from parameter
+            names and embedding padding rows are frozen), an iterable of tensors, or an
+            iterable of param-group dicts.
+        lr: learning rate of the ZO-SGD update.
+        eps: perturbation scale.
+        weight_decay: L2 decay, ``theta <- theta - lr * wd * theta``.
+        seed: base seed of the direction stream.
+        model: the module that owns ``params`` when ``params`` are tensors or groups; gives
+            stable names, padding rows, out-of-place perturbation and dropout="eval".
+        **zo_config_fields: any other ``ZOConfig`` field (``n_queries``, ``distribution``,
+            ``dropout``, ``perturbation``, ...).
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        model: nn.Module | None = None,
+        **zo_config_fields: Any,
+    ) -> None:
+        unknown = set(zo_config_fields) - set(ZOConfig.field_names())
+        if unknown:
+            raise TypeError(
+                f"ZOOptimizer got unknown argument(s) {sorted(unknown)}; valid ZOConfig fields "
+                f"are {list(ZOConfig.field_names())}."
+            )
+        self.config = ZOConfig(eps=eps, seed=seed, **zo_config_fields)
+        _check_hyper("lr", lr)
+        _check_hyper("weight_decay", weight_decay)
+        if isinstance(params, nn.Module):
+            model = params
+            params = [p for p in params.parameters() if p.requires_grad]
+        params = list(params)
+        if not params:
+            raise ValueError(
+                "ZOOptimizer got no parameters: pass a model with trainable parameters "
+                "(requires_grad=True) or a non-empty list of tensors."
+            )
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.model = model
+        self._specs = self._build_specs(model)
+        self._mode = self._resolve_mode()
+        self._pending: list[tuple[int, float]] = []  # terms that restore in-place weights
+        self._step = 0
+        self.skipped_steps = 0
+        self.last_step = ZOStepInfo()
+
+    # ------------------------------------------------------------------ setup
+    def _build_specs(self, model: nn.Module | None) -> list[list[ParamSpec]]:
+        names: dict[int, str] = {}
+        frozen: dict[int, tuple[int, ...]] = {}
+        if model is not None:
+            for name, p in model.named_parameters(remove_duplicate=True):
+                names.setdefault(id(p), name)
+            for mod in model.modules():
+                if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+                    frozen[id(mod.weight)] = (int(mod.padding_idx) % mod.weight.shape[0],)
+        specs: list[list[ParamSpec]] = []
+        seen: set[int] = set()
+        for gi, group in enumerate(self.param_groups):
+            gspecs = []
+            for pi, p in enumerate(group["params"]):
+                if not p.is_floating_point():
+                    raise ValueError(
+                        f"ZOOptimizer can only train floating-point tensors; parameter "
+                        f"{names.get(id(p), f'{gi}.{pi}')} has dtype {p.dtype}."
+                    )
+                if p.device.type == "meta":
+                    raise ValueError(
+                        f"Parameter {names.get(id(p), f'{gi}.{pi}')} is on the meta device: "
+                        "load real weights (e.g. model.to_empty(device=...) and a state_dict) first."
+                    )
+                if id(p) in seen:
+                    raise ValueError("A parameter appears in more than one param group.")
+                seen.add(id(p))
+                if model is not None and id(p) not in names:
+                    raise ValueError(
+                        "A parameter given to ZOOptimizer does not belong to `model`; pass the "
+                        "model that owns the parameters (or no model)."
+                    )
+                name = names.get(id(p), f"param_groups.{gi}.{pi}")
+                gspecs.append(ParamSpec(p, name, tensor_key(name), frozen.get(id(p), ())))
+            specs.append(gspecs)
+        return specs
+
+    def _resolve_mode(self) -> str:
+        mode = self.config.perturbation
+        halves = [s.name for s in self.specs() if s.param.dtype in HALF_DTYPES]
+        if mode == "auto":
+            mode = "out-of-place" if self.model is not None else "in-place"
+        if mode == "out-of-place" and self.model is None:
+            raise ValueError(
+                "perturbation='out-of-place' needs the model: use ZOOptimizer(model, ...) or "
+                "ZOOptimizer(params, ..., model=model)."
+            )
+        if mode == "in-place" and halves:
+            raise ValueError(
+                f"perturbation='in-place' cannot restore bf16/fp16 weights exactly (e.g. "
+                f"{halves[0]!r}): a +eps/-2eps/+eps round trip drifts 20-150x the size of a "
+                "MeZO update. Pass the model (ZOOptimizer(model, ...)) so perturbations are "
+                "applied out of place, or keep these weights in float32."
+            )
+        if self.config.dropout == "eval" and self.model is None:
+            raise ValueError(
+                "dropout='eval' needs the model to switch to eval(): use ZOOptimizer(model, ...)."
+            )
+        return mode
+
+    def specs(self) -> list[ParamSpec]:
+        return [s for g in self._specs for s in g]
+
+    @property
+    def perturbation_mode(self) -> str:
+        """The resolved perturbation mode: 'in-place' or 'out-of-place'."""
+        return self._mode
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (applied or skipped); the default step index of ``step``."""
+        return self._step
+
+    def seeds_for(self, step: int) -> list[int]:
+        """Direction seeds of optimizer step ``step``, one per query."""
+        base = step_seed(self.config.seed, step)
+        return [base if q == 0 else mix64(base, q) for q in range(self.config.n_queries)]
+
+    # ------------------------------------------------------------------ perturbation
+    def _shift_in_place(self, terms: list[tuple[int, float]]) -> None:
+        """Move in-place weights from their current perturbation to ``theta + sum(terms)``,
+        fusing any pending restore into the same pass."""
+        merged: dict[int, float] = {}
+        for seed, coeff in self._pending + terms:
+            merged[seed] = merged.get(seed, 0.0) + coeff
+        todo = [(s, c) for s, c in merged.items() if c != 0.0]
+        if todo:
+            perturb_(self.specs(), todo, distribution=self.config.distribution, chunk_size=self.config.chunk_size)
+        self._pending = [(s, -c) for s, c in terms]
+
+    def restore(self) -> None:
+        """Undo a pending in-place perturbation (no-op when none is pending)."""
+        if self._pending:
+            self._shift_in_place([])
+
+    @contextmanager
+    def _perturbed(self, seed: int, coeff: float):
+        if self._mode == "in-place":
+            self._shift_in_place([(seed, coeff)])
+            yield
+        else:
+            with _OutOfPlace(self.model, self.specs(), [(seed, coeff)], self.config):
+                yield
+
+    @contextmanager
+    def _forward_mode(self):
+        if self.config.dropout != "eval":
+            yield
+            return
+        flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, t in flags:
+                m.training = t
+
+    # ------------------------------------------------------------------ estimate / update
+    def estimate(self, closure: Callable[[], Any], *, step: int | None = None) -> ZOEstimate:
+        """Probe the loss at ``theta +/- eps*z`` for each direction of step ``step``.
+
+        Weights are not updated.  In in-place mode the last perturbation is left pending and
+        is undone by the next pass (fused), by ``apply_update`` or by ``restore()``.
+        A NaN/inf loss ends the probe early, restores the weights and marks it skipped.
+        """
+        step = self._step if step is None else step
+        eps = self.config.eps
+        seeds = self.seeds_for(step)
+        rng = _RngState(self.specs()) if self.config.dropout == "same-masks" else None
+        est = ZOEstimate(step, seeds[0], [], [], [], False)
+        with torch.no_grad(), self._forward_mode():
+            for seed in seeds:
+                losses = []
+                for coeff in (eps, -eps):
+                    # in-place: +eps from theta, then -2eps from theta + eps*z
+                    with self._perturbed(seed, coeff):
+                        if rng is not None:
+                            rng.restore()
+                        losses.append(_as_float_loss(closure()))
+                    if not math.isfinite(losses[-1]):
+                        break
+                if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
+                    self.restore()
+                    est.skipped = True
+                    est.losses_plus.append(losses[0])
+                    est.losses_minus.append(losses[1] if len(losses) > 1 else float("nan"))
+                    return est
+                est.losses_plus.append(losses[0])
+                est.losses_minus.append(losses[1])
+                est.projected_grads.append((losses[0] - losses[1]) / (2 * eps))
+        return est
+
+    def apply_update(
+        self, projected_grads: Sequence[float], *, step: int | None = None
+    ) -> None:
+        """Apply ``theta <- theta - lr * (mean_q g_q z_q + wd * theta)`` for step ``step``
+        (default: the current step) with each group's ``lr`` and ``weight_decay``; fuses the
+        restore of a pending in-place perturbation into the same pass; advances the step."""
+        step = self._step if step is None else step
+        seeds = self.seeds_for(step)
+        if len(projected_grads) != len(seeds):
+            raise ValueError(
+                f"apply_update got {len(projected_grads)} projected gradients for "
+                f"n_queries={len(seeds)}."
+            )
+        if not all(math.isfinite(g) for g in projected_grads):
+            raise ValueError(f"Non-finite projected gradient {list(projected_grads)}; skip the step instead.")
+        restore = self._pending
+        nq = len(seeds)
+        for group, gspecs in zip(self.param_groups, self._specs):
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
+            _check_hyper("lr", lr)
+            _check_hyper("weight_decay", wd)
+            update = [(s, -lr * g / nq) for s, g in zip(seeds, projected_grads) if lr * g != 0.0]
+            decay = lr * wd
+            if not restore and not update and decay == 0.0:
+                continue
+            for spec in gspecs:
+                update_(
+                    spec,
+                    restore=restore,
+                    update=update,
+                    decay=decay,
+                    distribution=self.config.distribution,
+                    chunk_size=self.config.chunk_size,
+                    round_seed=mix64(seeds[0], 0x5D) if self.config.stochastic_rounding else None,
+                )
+        self._pending = []
+        self._step = step + 1
+
+    def skip(self, *, step: int | None = None) -> None:
+        """Skip step ``step``: restore any pending perturbation, count it, advance the step."""
+        self.restore()
+        self.skipped_steps += 1
+        self._step = (self._step if step is None else step) + 1
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> torch.Tensor | None:  # type: ignore[override]
+        """One ZO step: two forwards per direction through ``closure``, then the update.
+
+        Returns the mean probed loss as a tensor (NaN if the step was skipped)."""
+        if closure is None:
+            raise ValueError(
+                "ZOOptimizer.step needs a closure that runs the forward and returns the loss, "
+                "e.g. opt.step(lambda: model(**batch).loss); it calls it twice per direction."
+            )
+        est = self.estimate(closure)
+        grads, skipped = all_reduce_projected_grads(est.projected_grads, est.skipped, self.config)
+        self._finish(est.step, est.step_seed, grads, skipped, est)
+        return torch.tensor(est.loss)
+
+    def _finish(self, step: int, seed: int, grads: list[float], skipped: bool, est: ZOEstimate | None) -> None:
+        lp = est.losses_plus[-1] if est and est.losses_plus else float("nan")
+        lm = est.losses_minus[-1] if est and est.losses_minus else float("nan")
+        if skipped:
+            logger.warning(
+                "ZO step %d skipped: non-finite loss (L+=%s, L-=%s); weights left unchanged.", step, lp, lm
+            )
+            self.skip(step=step)
+        else:
+            self.apply_update(grads, step=step)
+        mean_g = sum(grads) / len(grads) if grads and not skipped else float("nan")
+        self.last_step = ZOStepInfo(step, seed, mean_g, lp, lm, skipped, list(grads) if not skipped else [])
+
+    def finish_step(self, grads: Sequence[float], skipped: bool, *, step: int, loss_plus: float, loss_minus: float) -> None:
+        """Apply (or skip) step ``step`` with already-accumulated projected gradients and
+        record ``last_step``; what integrations call once per optimizer step."""
+        est = ZOEstimate(step, self.seeds_for(step)[0], list(grads), [loss_plus], [loss_minus], skipped)
+        self._finish(step, est.step_seed, list(grads), skipped, est)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["zo"] = {"step": self._step, "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        zo = state_dict.pop("zo", None)
+        super().load_state_dict(state_dict)
+        if zo is not None:
+            saved_seed = zo.get("config", {}).get("seed", self.config.seed)
+            if saved_seed != self.config.seed:
+                raise ValueError(
+                    f"This checkpoint was written with ZOConfig.seed={saved_seed} but the optimizer "
+                    f"has seed={self.config.seed}; a resumed run must use the same seed."
+                )
+            self._step = int(zo["step"])
+            self.skipped_steps = int(zo.get("skipped_steps", 0))
+        self._pending = []
+
+
+def _check_hyper(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r}; use a finite number >= 0.")
+
+
+def all_reduce_projected_grads(
+    grads: Sequence[float], skipped: bool, config: ZOConfig
+) -> tuple[list[float], bool]:
+    """Average the projected gradients over ranks (one small all-reduce); a step skipped on
+    any rank is skipped on all.  Identity outside torch.distributed."""
+    import torch.distributed as dist
+
+    grads = list(grads)
+    if not (config.all_reduce and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return grads, skipped
+    n = config.n_queries
+    vals = grads if len(grads) == n and not skipped else [0.0] * n
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    buf = torch.tensor(vals + [1.0 if skipped else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(buf)
+    world = dist.get_world_size()
+    if buf[-1].item() > 0:
+        return [], True
+    return [v / world for v in buf[:-1].tolist()], False
+
+
+class _RngState:
+    """CPU and CUDA RNG states saved before the first forward and restored before each
+    later one, so every forward of a step sees the same dropout masks."""
+
+    def __init__(self, specs: list[ParamSpec]) -> None:
+        self.cpu = torch.get_rng_state()
+        devs = {s.param.device for s in specs if s.param.device.type == "cuda"}
+        self.cuda = {d: torch.cuda.get_rng_state(d) for d in devs}
+        self.first = True
+
+    def restore(self) -> None:
+        if self.first:
+            self.first = False
+            return
+        torch.set_rng_state(self.cpu)
+        for d, s in self.cuda.items():
+            torch.cuda.set_rng_state(s, d)
+
+
+class _OutOfPlace:
+    """Forward hooks that hand each module ``theta + sum(terms)`` while it runs.
+
+    The pre-hook swaps the module's trainable entries of ``_parameters`` for freshly
+    generated perturbed copies; the forward hook (``always_call``) puts the parameters back.
+    Weights are never written, so restore is exact in every dtype.  Tied weights (an
+    embedding shared with the LM head) are perturbed identically in each owner because the
+    copy is regenerated from the same key.
+    """
+
+    def __init__(self, model: nn.Module, specs: list[ParamSpec], terms, config: ZOConfig) -> None:
+        self.model, self.terms, self.config = model, terms, config
+        by_id = {id(s.param): s for s in specs}
+        self.owners: dict[nn.Module, list[tuple[str, ParamSpec]]] = {}
+        for mod in model.modules():
+            for attr, p in mod._parameters.items():
+                if p is not None and id(p) in by_id:
+                    self.owners.setdefault(mod, []).append((attr, by_id[id(p)]))
+        self.specs = specs
+        self.visited: set[int] = set()
+        self.handles: list[Any] = []
+        self.saved: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
+        self.depth: dict[nn.Module, int] = {}
+
+    def _pre(self, mod: nn.Module, args: Any) -> None:
+        d = self.depth.get(mod, 0)
+        self.depth[mod] = d + 1
+        if d:
+            return
+        saved = []
+        for attr, spec in self.owners[mod]:
+            saved.append((attr, mod._parameters[attr]))
+            mod._parameters[attr] = perturbed_copy(
+                spec, self.terms, distribution=self.config.distribution, chunk_size=self.config.chunk_size
+            )
+            self.visited.add(id(spec.param))
+        self.saved[mod] = saved
+
+    def _post(self, mod: nn.Module, args: Any, output: Any) -> None:
+        self.depth[mod] -= 1
+        if self.depth[mod] == 0:
+            for attr, p in self.saved.pop(mod, []):
+                mod._parameters[attr] = p
+
+    def __enter__(self) -> _OutOfPlace:
+        for mod in self.owners:
+            self.handles.append(mod.register_forward_pre_hook(self._pre))
+            self.handles.append(mod.register_forward_hook(self._post, always_call=True))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self.handles:
+            h.remove()
+        for mod, saved in self.saved.items():  # a forward that raised before its post-hook
+            for attr, p in saved:
+                mod._parameters[attr] = p
+        self.saved.clear()
+        if exc_type is None:
+            missing = [s.name for s in self.specs if id(s.param) not in self.visited]
+            if missing:
+                raise RuntimeError(
+                    f"Out-of-place perturbation never reached {missing[:3]}"
+                    f"{' and more' if len(missing) > 3 else ''}: the forward used these "
+                    "parameters without calling the module that owns them (or did not use "
+                    "them at all). Freeze them (requires_grad=False), or use "
+                    "perturbation='in-place' with float32 weights."
+                )
+
+
+def materialize_direction(opt: ZOOptimizer, param: torch.Tensor, *, step: int, query: int = 0) -> torch.Tensor:
+    """The full direction ``z`` that step ``step`` (query ``query``) applies to ``param``, in
+    float32 and with frozen rows zeroed.  For tests and analysis: it allocates a tensor the
+    size of ``param``, which the optimizer itself never does."""
+    spec = next((s for s in opt.specs() if s.param is param), None)
+    if spec is None:
+        raise ValueError("That tensor is not one of the optimizer's parameters.")
+    seed = opt.seeds_for(step)[query]
+    out = perturbed_copy(
+        ParamSpec(torch.zeros(param.shape, dtype=torch.float32, device=param.device), spec.name, spec.key, spec.frozen_rows),
+        [(seed, 1.0)],
+        distribution=opt.config.distribution,
+        chunk_size=opt.config.chunk_size,
+    )
+    return out

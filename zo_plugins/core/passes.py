@@ -1,0 +1,216 @@
+"""Passes over trainable tensors: perturb in place, build a perturbed copy, restore + update.
+
+Every pass walks a tensor in chunks of ``chunk_size`` elements and regenerates the directions
+of that chunk from their seeds (``noise.fill_direction_``), so the extra memory of a pass is
+two float32 chunk buffers whatever the size of the largest tensor.  Arithmetic is float32
+(float64 for float64 tensors); stores round to nearest even, or stochastically for the update
+of bf16/fp16 tensors.
+
+A *term* is ``(seed, coeff)`` and stands for ``coeff * z(seed)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .noise import GAUSSIAN_BLOCK, fill_direction_, mix64
+
+__all__ = [
+    "ParamSpec",
+    "HALF_DTYPES",
+    "perturb_",
+    "perturbed_copy",
+    "update_",
+    "stochastic_round_",
+]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+Term = tuple[int, float]
+_SR_SALT = 0x5721_0C4A_57D1_C0DE
+
+
+@dataclass
+class ParamSpec:
+    """A trainable tensor as the ZO passes see it."""
+
+    param: torch.Tensor
+    name: str
+    key: int
+    frozen_rows: tuple[int, ...] = field(default=())
+    """Rows (along dim 0) that are never perturbed or updated, e.g. an embedding's padding row."""
+
+    @property
+    def row_len(self) -> int:
+        return self.param.numel() // max(self.param.shape[0], 1) if self.param.dim() else 1
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _frozen_slices(spec: ParamSpec, start: int, n: int) -> list[slice]:
+    out = []
+    if not spec.frozen_rows:
+        return out
+    row = spec.row_len
+    for r in spec.frozen_rows:
+        lo, hi = max(r * row, start), min((r + 1) * row, start + n)
+        if lo < hi:
+            out.append(slice(lo - start, hi - start))
+    return out
+
+
+class _Chunks:
+    """Chunk iterator with reusable direction buffers (one per dtype/device)."""
+
+    def __init__(self, chunk_size: int, distribution: str) -> None:
+        self.chunk_size = chunk_size
+        self.distribution = distribution
+        self._bufs: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
+
+    def buffer(self, device: torch.device, dtype: torch.dtype, slot: int) -> torch.Tensor:
+        k = (device, dtype, slot)
+        buf = self._bufs.get(k)
+        if buf is None:
+            buf = self._bufs[k] = torch.empty(self.chunk_size, device=device, dtype=dtype)
+        return buf
+
+    def ranges(self, numel: int):
+        for start in range(0, numel, self.chunk_size):
+            yield start, min(self.chunk_size, numel - start)
+
+    def direction_sum(
+        self, spec: ParamSpec, terms: Sequence[Term], start: int, n: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``sum(coeff * z(seed))`` over ``terms`` for elements ``[start, start+n)``,
+        zero on frozen rows; a view into a reused buffer."""
+        dev = spec.param.device
+        acc = self.buffer(dev, dtype, 0)[:n]
+        if dtype == torch.float32 and len(terms) == 1:
+            fill_direction_(acc, distribution=self.distribution, seed=terms[0][0], key=spec.key, offset=start)
+            acc.mul_(terms[0][1])
+        else:
+            tmp = self.buffer(dev, torch.float32, 1)[:n]
+            acc.zero_()
+            for seed, coeff in terms:
+                fill_direction_(tmp, distribution=self.distribution, seed=seed, key=spec.key, offset=start)
+                acc.add_(tmp, alpha=coeff)
+        for s in _frozen_slices(spec, start, n):
+            acc[s] = 0
+        return acc
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise ValueError(
+            "ZO passes need contiguous parameters; call .data = .data.contiguous() on it first."
+        )
+    return t.view(-1)
+
+
+def perturb_(
+    specs: Sequence[ParamSpec], terms: Sequence[Term], *, distribution: str, chunk_size: int
+) -> None:
+    """In place: ``theta += sum(coeff * z(seed))`` for every tensor of ``specs`` (fp32/fp64)."""
+    chunks = _Chunks(chunk_size, distribution)
+    with torch.no_grad():
+        for spec in specs:
+            flat = _flat(spec.param)
+            cdt = _compute_dtype(flat)
+            for start, n in chunks.ranges(flat.numel()):
+                flat[start : start + n].add_(chunks.direction_sum(spec, terms, start, n, cdt))
+
+
+def perturbed_copy(
+    spec: ParamSpec,
+    terms: Sequence[Term],
+    *,
+    distribution: str,
+    chunk_size: int,
+    chunks: _Chunks | None = None,
+) -> torch.Tensor:
+    """Out of place: a new tensor ``theta + sum(coeff * z(seed))`` in theta's dtype (rounded
+    to nearest even).  ``theta`` itself is not touched."""
+    chunks = chunks or _Chunks(chunk_size, distribution)
+    with torch.no_grad():
+        src = spec.param.detach()
+        out = torch.empty_like(src, memory_format=torch.contiguous_format)
+        flat_in, flat_out = src.reshape(-1), out.view(-1)
+        cdt = _compute_dtype(src)
+        for start, n in chunks.ranges(flat_in.numel()):
+            d = chunks.direction_sum(spec, terms, start, n, cdt)
+            if src.dtype == cdt:
+                torch.add(flat_in[start : start + n], d, out=flat_out[start : start + n])
+            else:
+                flat_out[start : start + n].copy_(d.add_(flat_in[start : start + n]))
+        return out
+
+
+def update_(
+    spec: ParamSpec,
+    *,
+    restore: Sequence[Term],
+    update: Sequence[Term],
+    decay: float,
+    distribution: str,
+    chunk_size: int,
+    round_seed: int | None = None,
+) -> None:
+    """One read-modify-write pass: ``x = theta + sum(restore)``; then
+    ``theta = (1 - decay) * x + sum(update)``, frozen rows untouched.
+
+    ``restore`` undoes an in-place perturbation (empty for out-of-place runs); ``update``
+    holds ``(seed, -lr * g)`` per direction and ``decay = lr * weight_decay``.  For bf16/fp16
+    tensors and ``round_seed`` given, the store rounds stochastically.
+    """
+    chunks = _Chunks(chunk_size, distribution)
+    flat = _flat(spec.param)
+    cdt = _compute_dtype(flat)
+    half = flat.dtype in HALF_DTYPES
+    with torch.no_grad():
+        for start, n in chunks.ranges(flat.numel()):
+            cur = flat[start : start + n]
+            x = cur.to(cdt, copy=True) if half or cur.dtype != cdt else cur.clone()
+            if restore:
+                x.add_(chunks.direction_sum(spec, restore, start, n, cdt))
+            if decay:
+                x.mul_(1.0 - decay)
+            if update:
+                x.add_(chunks.direction_sum(spec, update, start, n, cdt))
+            for s in _frozen_slices(spec, start, n):
+                x[s] = cur[s].to(cdt)
+            if half and round_seed is not None:
+                stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start)
+            else:
+                cur.copy_(x)
+
+
+def _uniform_(out: torch.Tensor, *, seed: int, key: int, offset: int) -> None:
+    """Keyed uniforms in [0, 1): block ``b`` of ``GAUSSIAN_BLOCK`` elements is drawn from a
+    generator seeded by ``(seed, key, b)`` (the same scheme as the Gaussian directions)."""
+    gen = torch.Generator(device=out.device)
+    pos, n = 0, out.numel()
+    while pos < n:
+        block, within = divmod(offset + pos, GAUSSIAN_BLOCK)
+        take = min(GAUSSIAN_BLOCK - within, n - pos)
+        gen.manual_seed(mix64(seed, key, block, _SR_SALT) >> 1)
+        tmp = torch.rand(within + take, generator=gen, device=out.device, dtype=out.dtype)
+        out[pos : pos + take].copy_(tmp[within:])
+        pos += take
+
+
+def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, *, seed: int, key: int, offset: int) -> None:
+    """Store float32 ``x`` into the half-precision ``dst``, rounding up with probability equal
+    to the distance to the lower neighbour over the gap (unbiased: E[dst] = x)."""
+    y = x.to(dst.dtype)
+    yf = y.to(x.dtype)
+    away = torch.where(yf < x, torch.inf, -torch.inf).to(dst.dtype)
+    other = torch.nextafter(y, away)
+    gap = other.to(x.dtype) - yf
+    p = torch.where(gap != 0, (x - yf) / gap, torch.zeros_like(x))  # in [0, 0.5]
+    u = torch.empty_like(x)
+    _uniform_(u, seed=seed, key=key, offset=offset)
+    dst.copy_(torch.where(u < p, other, y))
