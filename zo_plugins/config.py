@@ -132,9 +132,7 @@ class ZOConfig:
 def _check_positive_float(name: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"ZOConfig.{name}={value!r} is invalid: use a finite number > 0 (MeZO uses 1e-3)."
-        )
+        raise ValueError(f"ZOConfig.{name}={value!r} is invalid: use a finite number > 0 (MeZO uses 1e-3).")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -15,7 +15,8 @@ Two streams:
 * ``gaussian`` -- standard normals.  A Philox/Box-Muller port in PyTorch ops measured 38 ms per
   million normals on 2 CPU cores (10x ``Tensor.normal_``), so the PyTorch path draws each
   block of ``GAUSSIAN_BLOCK`` elements from the device's native generator seeded with
-  ``mix64(step_seed, tensor_key, block_index)``.  Caveat: PyTorch's CPU generator (mt19937)
+  ``mix64(mix64(step_seed, tensor_key), block_index)``; a tensor's last block is
+  shorter (its length follows from the tensor's size).  Caveat: PyTorch's CPU generator (mt19937)
   keeps only the low 32 bits of a seed, so two blocks collide with probability 2**-32.
 """
 
@@ -74,17 +75,26 @@ def tensor_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
 
 
-def philox4x32(counter: torch.Tensor, key: int, rounds: int = 10) -> list[torch.Tensor]:
-    """Philox-4x32-``rounds`` on a 1-D int64 tensor of counters (c1 = c2 = c3 = 0).
+def philox4x32(
+    counter: torch.Tensor,
+    key: int,
+    rounds: int = 10,
+    high: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Philox-4x32-``rounds`` (Salmon et al., SC'11) on int64 tensors.
 
-    Returns four int64 tensors holding unsigned 32-bit outputs.  int64 multiplication wraps,
-    so the low 64 bits of a 32x32-bit product are exact and give both mulhi and mullo.
+    ``counter`` holds the low 64 bits of the 128-bit counter (c0 = low 32, c1 = high 32);
+    ``high`` optionally gives (c2, c3), zero by default.  Returns four int64 tensors holding
+    unsigned 32-bit outputs.  int64 multiplication wraps, so the low 64 bits of a
+    32x32-bit product are exact and give both mulhi and mullo.
     """
     k0, k1 = key & MASK32, (key >> 32) & MASK32
     c0 = counter & MASK32
     c1 = (counter >> 32) & MASK32
-    zero = torch.zeros_like(c0)
-    c2, c3 = zero, zero
+    if high is None:
+        c2 = c3 = torch.zeros_like(c0)
+    else:
+        c2, c3 = high[0] & MASK32, high[1] & MASK32
     for _ in range(rounds):
         p0 = c0 * _PHILOX_M0
         p1 = c2 * _PHILOX_M1
@@ -129,33 +139,52 @@ def _rademacher_(out: torch.Tensor, key: int, offset: int) -> None:
     out.copy_(signs[start : start + n])
 
 
-def _gaussian_(out: torch.Tensor, seed: int, key: int, offset: int) -> None:
+def native_blocks_(out: torch.Tensor, *, seed: int, offset: int, numel: int, draw) -> None:
+    """Fill ``out`` with elements ``[offset, offset + len)`` of a stream made of blocks of
+    ``GAUSSIAN_BLOCK`` elements (the last block of a tensor of ``numel`` elements is
+    shorter); block ``b`` is ``draw(buffer_of_block_length, generator)`` with the generator
+    seeded by ``mix64(seed, b)``.  Always drawing whole blocks keeps the stream independent
+    of chunking: PyTorch's vectorised samplers are not prefix-stable."""
     gen = _generator(out.device)
     n = out.numel()
     pos = 0
     while pos < n:
-        element = offset + pos
-        block, within = divmod(element, GAUSSIAN_BLOCK)
-        take = min(GAUSSIAN_BLOCK - within, n - pos)
-        gen.manual_seed(mix64(seed, key, block) & (MASK64 >> 1))
-        if within == 0:
-            out[pos : pos + take].normal_(generator=gen)
-        else:  # unaligned start: draw the block's prefix and keep its tail
-            tmp = torch.empty(within + take, device=out.device, dtype=out.dtype)
-            tmp.normal_(generator=gen)
-            out[pos : pos + take].copy_(tmp[within:])
+        block, within = divmod(offset + pos, GAUSSIAN_BLOCK)
+        block_len = min(GAUSSIAN_BLOCK, numel - block * GAUSSIAN_BLOCK)
+        take = min(block_len - within, n - pos)
+        if take <= 0:
+            raise ValueError(f"Elements [{offset}, {offset + n}) lie outside a tensor of {numel} elements.")
+        gen.manual_seed(mix64(seed, block) & (MASK64 >> 1))
+        if within == 0 and take == block_len:
+            draw(out[pos : pos + take], gen)
+        else:
+            tmp = torch.empty(block_len, device=out.device, dtype=out.dtype)
+            draw(tmp, gen)
+            out[pos : pos + take].copy_(tmp[within : within + take])
         pos += take
 
 
+def _normal(buf: torch.Tensor, gen: torch.Generator) -> None:
+    buf.normal_(generator=gen)
+
+
 def fill_direction_(
-    out: torch.Tensor, *, distribution: str, seed: int, key: int, offset: int = 0
+    out: torch.Tensor,
+    *,
+    distribution: str,
+    seed: int,
+    key: int,
+    offset: int = 0,
+    numel: int | None = None,
 ) -> torch.Tensor:
-    """Write the direction elements ``[offset, offset + out.numel())`` of tensor ``key`` at
-    step seed ``seed`` into the 1-D float32 buffer ``out``; returns ``out``."""
+    """Write the direction elements ``[offset, offset + out.numel())`` of the tensor with key
+    ``key`` and ``numel`` elements (default: the request ends the tensor) at step seed
+    ``seed`` into the 1-D float32 buffer ``out``; returns ``out``."""
+    numel = offset + out.numel() if numel is None else numel
     if distribution == "rademacher":
         _rademacher_(out, mix64(seed, key), offset)
     elif distribution == "gaussian":
-        _gaussian_(out, seed, key, offset)
+        native_blocks_(out, seed=mix64(seed, key), offset=offset, numel=numel, draw=_normal)
     else:
         raise ValueError(f"distribution={distribution!r} is not one of {DISTRIBUTIONS}.")
     return out

@@ -222,7 +222,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             merged[seed] = merged.get(seed, 0.0) + coeff
         todo = [(s, c) for s, c in merged.items() if c != 0.0]
         if todo:
-            perturb_(self.specs(), todo, distribution=self.config.distribution, chunk_size=self.config.chunk_size)
+            perturb_(
+                self.specs(), todo, distribution=self.config.distribution, chunk_size=self.config.chunk_size
+            )
         self._pending = [(s, -c) for s, c in terms]
 
     def restore(self) -> None:
@@ -287,9 +289,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 est.projected_grads.append((losses[0] - losses[1]) / (2 * eps))
         return est
 
-    def apply_update(
-        self, projected_grads: Sequence[float], *, step: int | None = None
-    ) -> None:
+    def apply_update(self, projected_grads: Sequence[float], *, step: int | None = None) -> None:
         """Apply ``theta <- theta - lr * (mean_q g_q z_q + wd * theta)`` for step ``step``
         (default: the current step) with each group's ``lr`` and ``weight_decay``; fuses the
         restore of a pending in-place perturbation into the same pass; advances the step."""
@@ -297,8 +297,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         seeds = self.seeds_for(step)
         if len(projected_grads) != len(seeds):
             raise ValueError(
-                f"apply_update got {len(projected_grads)} projected gradients for "
-                f"n_queries={len(seeds)}."
+                f"apply_update got {len(projected_grads)} projected gradients for n_queries={len(seeds)}."
             )
         if not all(math.isfinite(g) for g in projected_grads):
             raise ValueError(f"Non-finite projected gradient {list(projected_grads)}; skip the step instead.")
@@ -346,7 +345,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._finish(est.step, est.step_seed, grads, skipped, est)
         return torch.tensor(est.loss)
 
-    def _finish(self, step: int, seed: int, grads: list[float], skipped: bool, est: ZOEstimate | None) -> None:
+    def _finish(
+        self, step: int, seed: int, grads: list[float], skipped: bool, est: ZOEstimate | None
+    ) -> None:
         lp = est.losses_plus[-1] if est and est.losses_plus else float("nan")
         lm = est.losses_minus[-1] if est and est.losses_minus else float("nan")
         if skipped:
@@ -359,7 +360,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         mean_g = sum(grads) / len(grads) if grads and not skipped else float("nan")
         self.last_step = ZOStepInfo(step, seed, mean_g, lp, lm, skipped, list(grads) if not skipped else [])
 
-    def finish_step(self, grads: Sequence[float], skipped: bool, *, step: int, loss_plus: float, loss_minus: float) -> None:
+    def finish_step(
+        self, grads: Sequence[float], skipped: bool, *, step: int, loss_plus: float, loss_minus: float
+    ) -> None:
         """Apply (or skip) step ``step`` with already-accumulated projected gradients and
         record ``last_step``; what integrations call once per optimizer step."""
         est = ZOEstimate(step, self.seeds_for(step)[0], list(grads), [loss_plus], [loss_minus], skipped)
@@ -388,7 +391,12 @@ class ZOOptimizer(torch.optim.Optimizer):
 
 
 def _check_hyper(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"Invalid {name}: {value!r}; use a finite number >= 0.")
 
 
@@ -400,7 +408,10 @@ def all_reduce_projected_grads(
     import torch.distributed as dist
 
     grads = list(grads)
-    if not (config.all_reduce and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if (
+        not (config.all_reduce and dist.is_available() and dist.is_initialized())
+        or dist.get_world_size() == 1
+    ):
         return grads, skipped
     n = config.n_queries
     vals = grads if len(grads) == n and not skipped else [0.0] * n
@@ -502,7 +513,9 @@ class _OutOfPlace:
                 )
 
 
-def materialize_direction(opt: ZOOptimizer, param: torch.Tensor, *, step: int, query: int = 0) -> torch.Tensor:
+def materialize_direction(
+    opt: ZOOptimizer, param: torch.Tensor, *, step: int, query: int = 0
+) -> torch.Tensor:
     """The full direction ``z`` that step ``step`` (query ``query``) applies to ``param``, in
     float32 and with frozen rows zeroed.  For tests and analysis: it allocates a tensor the
     size of ``param``, which the optimizer itself never does."""
@@ -511,7 +524,12 @@ def materialize_direction(opt: ZOOptimizer, param: torch.Tensor, *, step: int, q
         raise ValueError("That tensor is not one of the optimizer's parameters.")
     seed = opt.seeds_for(step)[query]
     out = perturbed_copy(
-        ParamSpec(torch.zeros(param.shape, dtype=torch.float32, device=param.device), spec.name, spec.key, spec.frozen_rows),
+        ParamSpec(
+            torch.zeros(param.shape, dtype=torch.float32, device=param.device),
+            spec.name,
+            spec.key,
+            spec.frozen_rows,
+        ),
         [(seed, 1.0)],
         distribution=opt.config.distribution,
         chunk_size=opt.config.chunk_size,

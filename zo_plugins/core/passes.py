@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .noise import GAUSSIAN_BLOCK, fill_direction_, mix64
+from .noise import fill_direction_, mix64, native_blocks_
 
 __all__ = [
     "ParamSpec",
@@ -88,15 +88,20 @@ class _Chunks:
         """``sum(coeff * z(seed))`` over ``terms`` for elements ``[start, start+n)``,
         zero on frozen rows; a view into a reused buffer."""
         dev = spec.param.device
+        numel = spec.param.numel()
         acc = self.buffer(dev, dtype, 0)[:n]
         if dtype == torch.float32 and len(terms) == 1:
-            fill_direction_(acc, distribution=self.distribution, seed=terms[0][0], key=spec.key, offset=start)
+            fill_direction_(
+                acc, distribution=self.distribution, seed=terms[0][0], key=spec.key, offset=start, numel=numel
+            )
             acc.mul_(terms[0][1])
         else:
             tmp = self.buffer(dev, torch.float32, 1)[:n]
             acc.zero_()
             for seed, coeff in terms:
-                fill_direction_(tmp, distribution=self.distribution, seed=seed, key=spec.key, offset=start)
+                fill_direction_(
+                    tmp, distribution=self.distribution, seed=seed, key=spec.key, offset=start, numel=numel
+                )
                 acc.add_(tmp, alpha=coeff)
         for s in _frozen_slices(spec, start, n):
             acc[s] = 0
@@ -105,9 +110,7 @@ class _Chunks:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
-        raise ValueError(
-            "ZO passes need contiguous parameters; call .data = .data.contiguous() on it first."
-        )
+        raise ValueError("ZO passes need contiguous parameters; call .data = .data.contiguous() on it first.")
     return t.view(-1)
 
 
@@ -170,39 +173,39 @@ def update_(
     flat = _flat(spec.param)
     cdt = _compute_dtype(flat)
     half = flat.dtype in HALF_DTYPES
+    # (1-d)(theta + sum(restore)) + sum(update) = (1-d) theta + sum(merged): one generation
+    # of each direction per pass, however many terms mention it.
+    merged: dict[int, float] = {}
+    for seed, coeff in [(s, (1.0 - decay) * c) for s, c in restore] + list(update):
+        merged[seed] = merged.get(seed, 0.0) + coeff
+    terms = [(s, c) for s, c in merged.items() if c != 0.0]
     with torch.no_grad():
         for start, n in chunks.ranges(flat.numel()):
             cur = flat[start : start + n]
-            x = cur.to(cdt, copy=True) if half or cur.dtype != cdt else cur.clone()
-            if restore:
-                x.add_(chunks.direction_sum(spec, restore, start, n, cdt))
+            frozen = _frozen_slices(spec, start, n)
+            direct = not half and cur.dtype == cdt and not frozen
+            x = cur if direct else cur.to(cdt, copy=True)
             if decay:
                 x.mul_(1.0 - decay)
-            if update:
-                x.add_(chunks.direction_sum(spec, update, start, n, cdt))
-            for s in _frozen_slices(spec, start, n):
+            if terms:
+                x.add_(chunks.direction_sum(spec, terms, start, n, cdt))
+            if direct:
+                continue
+            for s in frozen:
                 x[s] = cur[s].to(cdt)
             if half and round_seed is not None:
-                stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start)
+                stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=flat.numel())
             else:
                 cur.copy_(x)
 
 
-def _uniform_(out: torch.Tensor, *, seed: int, key: int, offset: int) -> None:
-    """Keyed uniforms in [0, 1): block ``b`` of ``GAUSSIAN_BLOCK`` elements is drawn from a
-    generator seeded by ``(seed, key, b)`` (the same scheme as the Gaussian directions)."""
-    gen = torch.Generator(device=out.device)
-    pos, n = 0, out.numel()
-    while pos < n:
-        block, within = divmod(offset + pos, GAUSSIAN_BLOCK)
-        take = min(GAUSSIAN_BLOCK - within, n - pos)
-        gen.manual_seed(mix64(seed, key, block, _SR_SALT) >> 1)
-        tmp = torch.rand(within + take, generator=gen, device=out.device, dtype=out.dtype)
-        out[pos : pos + take].copy_(tmp[within:])
-        pos += take
+def _uniform(buf: torch.Tensor, gen: torch.Generator) -> None:
+    buf.uniform_(generator=gen)
 
 
-def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, *, seed: int, key: int, offset: int) -> None:
+def stochastic_round_(
+    dst: torch.Tensor, x: torch.Tensor, *, seed: int, key: int, offset: int, numel: int
+) -> None:
     """Store float32 ``x`` into the half-precision ``dst``, rounding up with probability equal
     to the distance to the lower neighbour over the gap (unbiased: E[dst] = x)."""
     y = x.to(dst.dtype)
@@ -212,5 +215,5 @@ def stochastic_round_(dst: torch.Tensor, x: torch.Tensor, *, seed: int, key: int
     gap = other.to(x.dtype) - yf
     p = torch.where(gap != 0, (x - yf) / gap, torch.zeros_like(x))  # in [0, 0.5]
     u = torch.empty_like(x)
-    _uniform_(u, seed=seed, key=key, offset=offset)
+    native_blocks_(u, seed=mix64(seed, key, _SR_SALT), offset=offset, numel=numel, draw=_uniform)
     dst.copy_(torch.where(u < p, other, y))
