@@ -60,8 +60,8 @@ class ZOConfig:
         "bit-identical in every dtype; costs a transient copy of one module's trainable "
         "tensors. 'in-place': theta is perturbed in place in bounded chunks (the least "
         "memory; float32 round trips drift by a few ulp; refused for fp16/bf16, where they "
-        "drift 20-150x a MeZO update). 'auto': out-of-place when the model is known, "
-        "in-place for bare float32/float64 parameters.",
+        "drift 20-150x a MeZO update). 'auto': in-place for float32/float64 tensors (inference "
+        "memory; restore within an ulp), out-of-place for bf16/fp16 tensors (exact).",
     )
     stochastic_rounding: bool = _help(
         True,

@@ -43,6 +43,7 @@ def test_n_queries_average_independent_directions(mlp64):
     model, x, y = mlp64
     opt = ZOOptimizer(model, lr=0.0, eps=1e-6, n_queries=3)
     est = opt.estimate(mse(model, x, y))
+    opt.restore()
     seeds = opt.seeds_for(0)
     assert len(set(seeds)) == 3
     for q in range(3):
@@ -88,6 +89,7 @@ def test_param_groups_lr_and_scheduler_are_honoured(mlp64):
         lr=0.01,
         eps=1e-6,
         model=model,
+        perturbation="out-of-place",
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     b0 = params_snapshot(first)
@@ -127,7 +129,11 @@ def test_lr_zero_out_of_place_is_bit_identical(dtype):
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)).to(dtype)
     x = torch.randn(16, 64, dtype=dtype)
     before = params_snapshot(model)
-    opt = ZOOptimizer(model, lr=0.0, eps=1e-3)
+    # 'auto' perturbs half precision out of place; float32 needs it asked for
+    opt = ZOOptimizer(
+        model, lr=0.0, eps=1e-3, perturbation="out-of-place" if dtype == torch.float32 else "auto"
+    )
+    assert opt.perturbation_mode == "out-of-place"
     for _ in range(3):
         opt.step(lambda: model(x).float().pow(2).mean())
     assert_bit_identical(before, params_snapshot(model))
@@ -138,8 +144,8 @@ def test_lr_zero_in_place_float32_within_a_few_ulp():
     model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
     x = torch.randn(16, 64)
     before = params_snapshot(model)
-    opt = ZOOptimizer(list(model.parameters()), lr=0.0, eps=1e-3)
-    assert opt.perturbation_mode == "in-place"
+    opt = ZOOptimizer(model, lr=0.0, eps=1e-3)
+    assert opt.perturbation_mode == "in-place"  # 'auto' for float32
     opt.step(lambda: model(x).pow(2).mean())
     worst = max(max_ulp_diff(before[n], p) for n, p in model.named_parameters())
     # +eps, -2eps, +eps in float32: rounding leaves small weights a few ulp off
@@ -151,10 +157,26 @@ def test_lr_zero_in_place_float32_within_a_few_ulp():
 
 def test_in_place_refuses_half_precision():
     model = nn.Linear(4, 1).to(torch.bfloat16)
-    with pytest.raises(ValueError, match="cannot restore bf16/fp16 weights exactly"):
+    with pytest.raises(ValueError, match="cannot be perturbed in place"):
         ZOOptimizer(model.parameters(), lr=1e-3)
-    with pytest.raises(ValueError, match="in-place"):
+    with pytest.raises(ValueError, match="cannot be perturbed in place"):
         ZOOptimizer(model, lr=1e-3, perturbation="in-place")
+
+
+def test_auto_mixes_in_place_float32_and_out_of_place_half():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 1))
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    opt = ZOOptimizer(model, lr=0.0)
+    assert opt.perturbation_mode == "mixed"
+    before = params_snapshot(model)
+    opt.step(lambda: model[1](model[0](x).float()).pow(2).mean())
+    assert_bit_identical(
+        {k: v for k, v in before.items() if k.startswith("0.")},
+        {k: v for k, v in params_snapshot(model).items() if k.startswith("0.")},
+    )
+    for n, p in model[1].named_parameters():
+        assert max_ulp_diff(before["1." + n], p) <= 64
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -226,7 +248,7 @@ def test_non_finite_loss_skips_the_step(mlp64, mode, bad, caplog):
 
 def test_nan_on_second_forward_also_skips(mlp64):
     model, x, y = mlp64
-    opt = ZOOptimizer(model, lr=0.1, eps=1e-3)
+    opt = ZOOptimizer(model, lr=0.1, eps=1e-3, perturbation="out-of-place")
     before = params_snapshot(model)
     calls = iter([1.0, float("nan")])
     opt.step(lambda: model(x).sum() * 0 + next(calls))
@@ -321,6 +343,7 @@ def test_eval_dropout_mode(mlp64):
     x = torch.randn(64, 10, dtype=torch.float64)
     opt = ZOOptimizer(model, lr=0.0, eps=1e-6, dropout="eval")
     est = opt.estimate(lambda: model(x).pow(2).mean())
+    opt.restore()
     assert model.training, "training mode must be restored"
     model.eval()
     expected = directional_derivative(opt, model, lambda: model(x).pow(2).mean())
@@ -346,3 +369,21 @@ def test_out_of_place_detects_parameters_used_outside_their_module():
     opt = ZOOptimizer(m, lr=1e-3, perturbation="in-place")
     opt.step(lambda: m(torch.ones(2, 4)).sum())
     assert math.isfinite(opt.last_step.projected_grad)
+
+
+def test_a_closure_that_raises_leaves_in_place_weights_restored(mlp64):
+    model, x, y = mlp64
+    before = params_snapshot(model)
+    opt = ZOOptimizer(model, lr=0.1, perturbation="in-place")
+    calls = iter([None, RuntimeError("boom")])
+
+    def closure():
+        err = next(calls)
+        if err:
+            raise err
+        return model(x).sum()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step(closure)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=1e-15)

