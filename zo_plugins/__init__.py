@@ -2,10 +2,23 @@
 
 from .config import ZOConfig
 from .core.optimizer import ZOEstimate, ZOOptimizer, ZOStepInfo
+from .core.replay import replay
+from .core.trajectory import TrajectoryError, read_trajectory
 
 __version__ = "0.1.0"
 
-__all__ = ["ZOConfig", "ZOOptimizer", "ZOStepInfo", "ZOEstimate", "ZOCallback", "ZOTrainer", "__version__"]
+__all__ = [
+    "ZOConfig",
+    "ZOOptimizer",
+    "ZOStepInfo",
+    "ZOEstimate",
+    "ZOCallback",
+    "ZOTrainer",
+    "replay",
+    "read_trajectory",
+    "TrajectoryError",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -73,6 +74,17 @@ class ZOConfig:
         "When torch.distributed is initialised, average the projected gradient (one scalar "
         "per direction) over all ranks before the update.",
     )
+    clip_projected_grad: float | None = _help(
+        None,
+        "Clip the projected gradient to [-c, c] before the update (QZO's directional-derivative "
+        "clipping), guarding against exploding estimates; None disables. Clipped steps are "
+        "counted (ZOOptimizer.clipped_steps, logged as zo_clipped_steps).",
+    )
+    trajectory_path: str | None = _help(
+        None,
+        "Write the run's trajectory (per step: seed, projected gradient, lr, weight decay) to "
+        "this JSON-lines file; zo_plugins.replay rebuilds the weights from it bit for bit.",
+    )
     chunk_size: int = _help(
         1 << 20,
         "Elements per chunk when directions are generated on the PyTorch path; bounds the "
@@ -98,6 +110,19 @@ class ZOConfig:
         for name in ("stochastic_rounding", "all_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ZOConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")
+        if self.clip_projected_grad is not None:
+            c = self.clip_projected_grad
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise ValueError(
+                    f"ZOConfig.clip_projected_grad={c!r} is invalid: use a finite number > 0, or None "
+                    "to disable clipping."
+                )
+        if self.trajectory_path is not None and not isinstance(self.trajectory_path, (str, os.PathLike)):
+            raise ValueError(
+                f"ZOConfig.trajectory_path={self.trajectory_path!r} is invalid: use a file path or None."
+            )
+        if self.trajectory_path is not None:
+            self.trajectory_path = os.fspath(self.trajectory_path)
         if (
             not isinstance(self.chunk_size, int)
             or self.chunk_size < GAUSSIAN_BLOCK

@@ -200,10 +200,13 @@ def test_small_half_precision_updates_are_not_lost(dtype):
         w.data = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 0.02).to(dtype)
         start = w.detach().float().clone()
         opt = ZOOptimizer(holder, lr=1e-6, eps=1e-3, stochastic_rounding=sr)
-        state = {"sign": 1.0}
+        state = {"sign": 1.0, "calls": 0}
 
         def closure(state=state):
             holder()  # runs the (perturbed) module, as a real loss would
+            state["calls"] += 1
+            if state["calls"] == 1:  # ZOOptimizer's one-time check on unperturbed weights
+                return torch.tensor(0.0)
             state["sign"] *= -1
             return torch.tensor(-state["sign"] * 1e-3)
 

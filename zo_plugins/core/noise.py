@@ -134,9 +134,12 @@ def _rademacher_(out: torch.Tensor, key: int, offset: int) -> None:
     counters = torch.arange(first, last, device=out.device, dtype=torch.int64)
     words = torch.stack(philox4x32(counters, key), dim=1)  # (m, 4) uint32 in int64
     halves = torch.stack([words & 0xFFFF, words >> 16], dim=2).reshape(-1)
-    signs = torch.index_select(_sign_table(out.device), 0, halves).reshape(-1)
     start = offset - first * PHILOX_BITS
-    out.copy_(signs[start : start + n])
+    if start == 0 and n % PHILOX_BITS == 0 and out.is_contiguous():
+        torch.index_select(_sign_table(out.device), 0, halves, out=out.view(-1, 16))
+    else:
+        signs = torch.index_select(_sign_table(out.device), 0, halves).reshape(-1)
+        out.copy_(signs[start : start + n])
 
 
 def native_blocks_(out: torch.Tensor, *, seed: int, offset: int, numel: int, draw) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ZOConfig
 from .noise import mix64, step_seed, tensor_key
 from .passes import HALF_DTYPES, ParamSpec, perturb_, perturbed_copy, update_
+from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
 
 __all__ = ["ZOOptimizer", "ZOStepInfo", "ZOEstimate"]
 
@@ -62,6 +63,8 @@ class ZOStepInfo:
     skipped: bool = False
     """True if the step was skipped because a loss was NaN/inf (weights left untouched)."""
     projected_grads: list[float] = field(default_factory=list)
+    clipped: bool = False
+    """True if ``clip_projected_grad`` clipped this step's projected gradient."""
 
 
 def _as_float_loss(value: Any) -> float:
@@ -70,6 +73,11 @@ def _as_float_loss(value: Any) -> float:
             raise ValueError(
                 f"The closure must return a scalar loss; it returned a tensor of shape "
                 f"{tuple(value.shape)}. Reduce it (e.g. loss.mean()) inside the closure."
+            )
+        if value.requires_grad:
+            raise ValueError(
+                "The closure returned a loss that requires grad: ZO needs no autograd graph. "
+                "Do not enable grad inside the closure (ZOOptimizer runs it under torch.no_grad())."
             )
         return float(value.detach().item())
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -132,6 +140,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._pending: list[tuple[int, float]] = []  # terms that restore in-place weights
         self._step = 0
         self.skipped_steps = 0
+        self.clipped_steps = 0
+        self._trajectory: TrajectoryWriter | None = None
+        self._traj_shifts: list[list[list[float]]] = []
+        self._traj_seeds: list[int] = []
+        self._validated = False
         self.last_step = ZOStepInfo()
 
     # ------------------------------------------------------------------ setup
@@ -227,6 +240,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         for seed, coeff in self._pending + terms:
             merged[seed] = merged.get(seed, 0.0) + coeff
         todo = [(s, c) for s, c in merged.items() if c != 0.0]
+        if self._trajectory is not None:
+            self._traj_shifts.append([[self._query_of(seed), coeff] for seed, coeff in terms])
         if todo:
             perturb_(
                 [s for s in self.specs() if s.in_place],
@@ -235,6 +250,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                 chunk_size=self.config.chunk_size,
             )
         self._pending = [(s, -c) for s, c in terms]
+
+    def _query_of(self, seed: int) -> int:
+        try:
+            return self._traj_seeds.index(seed)
+        except ValueError:
+            raise RuntimeError("internal: a perturbation seed outside the current step") from None
 
     def restore(self) -> None:
         """Undo a pending in-place perturbation (no-op when none is pending)."""
@@ -276,6 +297,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         step = self._step if step is None else step
         eps = self.config.eps
         seeds = self.seeds_for(step)
+        if not self._validated:
+            self._validate_closure(closure)
+        self._begin_step(step)
         rng = _RngState(self.specs()) if self.config.dropout == "same-masks" else None
         est = ZOEstimate(step, seeds[0], [], [], [], False)
         try:
@@ -301,6 +325,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.restore()  # a closure that raised never leaves the weights perturbed
             raise
         return est
+
+    def _validate_closure(self, closure: Callable[[], Any]) -> None:
+        """Run the closure once on the unperturbed weights before the first perturbation, so a
+        closure that fails or returns something unusable is reported while every weight is
+        still untouched.  The RNG is forked, so the check shifts no dropout stream."""
+        cuda = sorted({s.param.device.index or 0 for s in self.specs() if s.param.is_cuda})
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._forward_mode():
+            _as_float_loss(closure())
+        self._validated = True
 
     def apply_update(self, projected_grads: Sequence[float], *, step: int | None = None) -> None:
         """Apply ``theta <- theta - lr * (mean_q g_q z_q + wd * theta)`` for step ``step``
@@ -363,6 +396,13 @@ class ZOOptimizer(torch.optim.Optimizer):
     ) -> None:
         lp = est.losses_plus[-1] if est and est.losses_plus else float("nan")
         lm = est.losses_minus[-1] if est and est.losses_minus else float("nan")
+        self._begin_step(step)
+        clipped = False
+        c = self.config.clip_projected_grad
+        if c is not None and not skipped and any(abs(g) > c for g in grads):
+            grads = [max(-c, min(c, g)) for g in grads]  # QZO-style clipping of the scalar
+            clipped = True
+            self.clipped_steps += 1
         if skipped:
             logger.warning(
                 "ZO step %d skipped: non-finite loss (L+=%s, L-=%s); weights left unchanged.", step, lp, lm
@@ -371,7 +411,58 @@ class ZOOptimizer(torch.optim.Optimizer):
         else:
             self.apply_update(grads, step=step)
         mean_g = sum(grads) / len(grads) if grads and not skipped else float("nan")
-        self.last_step = ZOStepInfo(step, seed, mean_g, lp, lm, skipped, list(grads) if not skipped else [])
+        self.last_step = ZOStepInfo(
+            step, seed, mean_g, lp, lm, skipped, list(grads) if not skipped else [], clipped
+        )
+        if self._trajectory is not None:
+            self._trajectory.append(
+                {
+                    "step": step,
+                    "grads": [] if skipped else [float(g) for g in grads],
+                    "lr": [float(g["lr"]) for g in self.param_groups],
+                    "wd": [float(g["weight_decay"]) for g in self.param_groups],
+                    "shifts": self._traj_shifts,
+                    "skipped": skipped,
+                    "clipped": clipped,
+                }
+            )
+        self._traj_shifts = []
+
+    # ------------------------------------------------------------------ trajectory
+    def _begin_step(self, step: int) -> None:
+        """Open the trajectory log before the first weight changes (base hash), and note the
+        seeds of the step so recorded passes name their direction by query index."""
+        self._traj_seeds = self.seeds_for(step)
+        if self._trajectory is None and self.config.trajectory_path:
+            self._trajectory = TrajectoryWriter(self.config.trajectory_path, self.trajectory_header(), step)
+
+    def trajectory_header(self) -> dict[str, Any]:
+        """The header a trajectory log of this optimizer starts with."""
+        from .. import __version__
+
+        cfg = {k: v for k, v in self.config.to_dict().items() if k != "trajectory_path"}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "library_version": __version__,
+            "torch_version": torch.__version__,
+            "backend": "torch",
+            "base_hash": weights_hash((s.name, s.param) for s in self.specs()),
+            "config": cfg,
+            "groups": [[s.name for s in g] for g in self._specs],
+        }
+
+    def close(self) -> None:
+        """Flush and close the trajectory log (also done when the optimizer is collected)."""
+        if self._trajectory is not None:
+            self._trajectory.close()
+            self._trajectory = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def finish_step(
         self, grads: Sequence[float], skipped: bool, *, step: int, loss_plus: float, loss_minus: float
@@ -384,7 +475,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["zo"] = {"step": self._step, "skipped_steps": self.skipped_steps, "config": self.config.to_dict()}
+        sd["zo"] = {
+            "step": self._step,
+            "skipped_steps": self.skipped_steps,
+            "clipped_steps": self.clipped_steps,
+            "config": self.config.to_dict(),
+        }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -400,6 +496,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             self._step = int(zo["step"])
             self.skipped_steps = int(zo.get("skipped_steps", 0))
+            self.clipped_steps = int(zo.get("clipped_steps", 0))
         self._pending = []
 
 

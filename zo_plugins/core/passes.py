@@ -86,9 +86,11 @@ class _Chunks:
 
     def direction_sum(
         self, spec: ParamSpec, terms: Sequence[Term], start: int, n: int, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """``sum(coeff * z(seed))`` over ``terms`` for elements ``[start, start+n)``,
-        zero on frozen rows; a view into a reused buffer."""
+    ) -> tuple[torch.Tensor, float]:
+        """``(d, scale)`` with ``scale * d = sum(coeff * z(seed))`` over ``terms`` for the
+        elements ``[start, start+n)``, zero on frozen rows; ``d`` is a view into a reused
+        buffer.  A single float32 term is returned unscaled, so callers fold the scale into
+        their ``add_(d, alpha=scale)`` instead of paying a pass for it."""
         dev = spec.param.device
         numel = spec.param.numel()
         acc = self.buffer(dev, dtype, 0)[:n]
@@ -96,8 +98,9 @@ class _Chunks:
             fill_direction_(
                 acc, distribution=self.distribution, seed=terms[0][0], key=spec.key, offset=start, numel=numel
             )
-            acc.mul_(terms[0][1])
+            scale = terms[0][1]
         else:
+            scale = 1.0
             tmp = self.buffer(dev, torch.float32, 1)[:n]
             acc.zero_()
             for seed, coeff in terms:
@@ -107,7 +110,7 @@ class _Chunks:
                 acc.add_(tmp, alpha=coeff)
         for s in _frozen_slices(spec, start, n):
             acc[s] = 0
-        return acc
+        return acc, scale
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -126,7 +129,8 @@ def perturb_(
             flat = _flat(spec.param)
             cdt = _compute_dtype(flat)
             for start, n in chunks.ranges(flat.numel()):
-                flat[start : start + n].add_(chunks.direction_sum(spec, terms, start, n, cdt))
+                d, scale = chunks.direction_sum(spec, terms, start, n, cdt)
+                flat[start : start + n].add_(d, alpha=scale)
 
 
 def perturbed_copy(
@@ -146,11 +150,11 @@ def perturbed_copy(
         flat_in, flat_out = src.reshape(-1), out.view(-1)
         cdt = _compute_dtype(src)
         for start, n in chunks.ranges(flat_in.numel()):
-            d = chunks.direction_sum(spec, terms, start, n, cdt)
+            d, scale = chunks.direction_sum(spec, terms, start, n, cdt)
             if src.dtype == cdt:
-                torch.add(flat_in[start : start + n], d, out=flat_out[start : start + n])
+                torch.add(flat_in[start : start + n], d, alpha=scale, out=flat_out[start : start + n])
             else:
-                flat_out[start : start + n].copy_(d.add_(flat_in[start : start + n]))
+                flat_out[start : start + n].copy_(d.mul_(scale).add_(flat_in[start : start + n]))
         return out
 
 
@@ -190,7 +194,8 @@ def update_(
             if decay:
                 x.mul_(1.0 - decay)
             if terms:
-                x.add_(chunks.direction_sum(spec, terms, start, n, cdt))
+                d, scale = chunks.direction_sum(spec, terms, start, n, cdt)
+                x.add_(d, alpha=scale)
             if direct:
                 continue
             for s in frozen:

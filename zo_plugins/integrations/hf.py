@@ -21,8 +21,11 @@ How a callback alone replaces backprop in the stock Trainer (see docs/hf.md):
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,7 +42,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 from ..config import ZOConfig
 from ..core.optimizer import ZOEstimate, ZOOptimizer, all_reduce_projected_grads
 
-__all__ = ["ZOCallback", "ZOTrainer", "ZOTrainerMixin"]
+__all__ = ["ZOCallback", "ZOTrainer", "ZOTrainerMixin", "quarantine_incomplete_checkpoints"]
 
 logger = logging.getLogger("zo_plugins")
 _FALLBACK_HINT = (
@@ -112,7 +115,6 @@ class ZOCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise RuntimeError("ZOCallback.on_train_begin needs the model and optimizer from the Trainer.")
         self._model = model
-        self._checked_loss = False
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         groups, self._hf_groups = [], []
         for i, g in enumerate(inner.param_groups):
@@ -173,6 +175,8 @@ class ZOCallback(TrainerCallback):
             extra["loss_plus"] = sum(self._log_lp) / len(self._log_lp)
             extra["loss_minus"] = sum(self._log_lm) / len(self._log_lm)
         extra["zo_skipped_steps"] = self.optimizer.skipped_steps
+        if self.config.clip_projected_grad is not None:
+            extra["zo_clipped_steps"] = self.optimizer.clipped_steps
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
             state.log_history[-1].update(extra)
@@ -181,6 +185,19 @@ class ZOCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._uninstall_forward()
+        if self.optimizer is not None:
+            self.optimizer.close()
+        return control
+
+    def on_init_end(self, args, state, control, **kwargs):
+        if getattr(args, "process_index", 0) == 0 and args.output_dir:
+            quarantine_incomplete_checkpoints(args.output_dir)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        # the checkpoint and the trajectory log must agree after a crash: sync the log now
+        if self.optimizer is not None and self.optimizer._trajectory is not None:
+            self.optimizer._trajectory.sync()
         return control
 
     # ------------------------------------------------------------------ forward wrapping
@@ -193,13 +210,6 @@ class ZOCallback(TrainerCallback):
         def zo_forward(*args: Any, **kwargs: Any) -> Any:
             if not (model.training and torch.is_grad_enabled()):
                 return orig(*args, **kwargs)
-            if not self._checked_loss:
-                # Once per run, before any weight is perturbed: does the forward give a loss?
-                # fork_rng: the check must not shift the dropout stream (resume stays exact)
-                cuda = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-                with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-                    _extract_loss(orig(*args, **kwargs))
-                self._checked_loss = True
             holder: dict[str, Any] = {}
 
             def closure() -> torch.Tensor:
@@ -257,6 +267,34 @@ class ZOCallback(TrainerCallback):
         # factor-weighted, like the gradient: the step's loss as the Trainer defines it
         self._lp.append(factor * est.losses_plus[-1])
         self._lm.append(factor * est.losses_minus[-1])
+
+
+def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Rename ``checkpoint-N`` folders whose ``trainer_state.json`` (the file the Trainer
+    writes last) is missing or unreadable to ``incomplete-checkpoint-N``, so
+    ``resume_from_checkpoint=True`` never picks a checkpoint whose write was interrupted."""
+    moved = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return moved
+    for ckpt in sorted(root.glob("checkpoint-*")):
+        if not ckpt.is_dir():
+            continue
+        state = ckpt / "trainer_state.json"
+        try:
+            json.loads(state.read_text())
+            continue
+        except (OSError, ValueError):
+            pass
+        target = ckpt.with_name("incomplete-" + ckpt.name)
+        n = 1
+        while target.exists():
+            target = ckpt.with_name(f"incomplete-{n}-{ckpt.name}")
+            n += 1
+        ckpt.rename(target)
+        logger.warning("Checkpoint %s was not completely written; moved it to %s.", ckpt, target)
+        moved.append(target)
+    return moved
 
 
 class ZOTrainerMixin:

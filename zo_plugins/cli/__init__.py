@@ -1,0 +1,1 @@
+"""Command-line entry points: zo-train (LightningCLI) and zo-replay."""
