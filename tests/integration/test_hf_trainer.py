@@ -3,40 +3,11 @@ lr/decay, logs, evaluation with the real forward, the fallback for what a callba
 
 import pytest
 import torch
-from conftest import VOCAB, assert_bit_identical, params_snapshot, tiny_hf_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from conftest import VOCAB, args_for, assert_bit_identical, lm_dataset, params_snapshot, tiny_hf_model
+from transformers import Trainer, TrainerCallback
 
 from zo_plugins import ZOCallback, ZOTrainer
 from zo_plugins.core.optimizer import materialize_direction
-
-
-def lm_dataset(n=64, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(2, VOCAB, (length,), generator=g)
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return rows
-
-
-def args_for(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        max_steps=4,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
 
 
 def test_trains_logs_and_restores_forward(tmp_path):
