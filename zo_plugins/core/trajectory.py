@@ -16,8 +16,8 @@ Format (specified in docs/trajectory.md): one JSON header line, then binary reco
   then if flag 8 ``u16 m`` and ``m`` bytes of JSON: the in-place perturbation passes of the
   step as ``[[[query, coeff], ...], ...]`` — written only when they differ from a plain
   step's ``+eps``/``-eps`` pair per query.
-* A plain step with a constant learning rate costs 2 + 15 + 8 = 25 bytes: a 20,000-step run
-  is 500 KB whatever the model's size.
+* A plain step with a constant learning rate costs 2 + 14 + 8 = 24 bytes: a 20,000-step run
+  is 480 KB whatever the model's size.
 
 Each record is written with one ``write`` and flushed, so a crash loses at most the step in
 flight; a truncated last record is detected on read.
