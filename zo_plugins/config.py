@@ -9,10 +9,14 @@ from typing import Any
 
 from .core.noise import DISTRIBUTIONS, GAUSSIAN_BLOCK
 
-__all__ = ["ZOConfig", "DROPOUT_MODES", "PERTURBATION_MODES"]
+__all__ = ["ZOConfig", "DROPOUT_MODES", "PERTURBATION_MODES", "ESTIMATORS", "OPTIMIZERS", "SPARSITY_MODES", "BLOCK_WISE"]
 
 DROPOUT_MODES = ("same-masks", "eval")
 PERTURBATION_MODES = ("auto", "in-place", "out-of-place")
+ESTIMATORS = ("spsa", "forward", "forward-grad", "cge", "rank")
+OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-conservative", "zo-adam")
+SPARSITY_MODES = ("magnitude", "random")
+BLOCK_WISE = ("cycle", "random")
 
 
 def _help(default: Any, text: str) -> Any:
@@ -46,6 +50,63 @@ class ZOConfig:
         "gaussian",
         "Direction distribution: 'gaussian' (MeZO) or 'rademacher' (+/-1, the cheapest to "
         "generate and bit-identical across backends).",
+    )
+    estimator: str = _help(
+        "spsa",
+        "How the projected gradient is estimated. 'spsa': two-point central difference "
+        "(L(θ+εz) - L(θ-εz))/2ε, MeZO. 'forward': one-point forward difference "
+        "(L(θ+εz) - L(θ))/ε, the unperturbed loss shared by all n_queries directions "
+        "(n_queries + 1 forwards). 'forward-grad': the exact directional derivative ∇L·z by "
+        "forward-mode AD (torch.func / dual numbers, one forward per direction at ~2-3x the "
+        "cost and activation memory of a plain forward, plus a transient z per module). "
+        "'cge': coordinate-wise estimation (DeepZero) of cge_coordinates random coordinates "
+        "per step. 'rank': ZO-RankSGD, only a ranking of n_queries candidates θ+εz_j is used.",
+    )
+    optimizer: str = _help(
+        "zo-sgd",
+        "Update rule applied to the estimated gradient d = mean_q g_q z_q: 'zo-sgd' "
+        "(θ -= lr (d + wd θ)); 'zo-sgd-momentum' (m = β m + d; θ -= lr (m + wd θ); "
+        "4 bytes/parameter of state, or none with momentum_history > 0); 'zo-sgd-sign' "
+        "(θ -= lr (sign(d) + wd θ), the element-wise sign of the estimate); "
+        "'zo-sgd-conservative' (ZO-Bench: the step is kept only if the loss at the updated "
+        "weights, probed without writing them, is not worse; one extra forward); 'zo-adam' "
+        "(Adam moments on d with decoupled weight decay; 8 bytes/parameter of state).",
+    )
+    momentum: float = _help(0.9, "Momentum coefficient β of 'zo-sgd-momentum', in [0, 1).")
+    momentum_history: int = _help(
+        0,
+        "0: 'zo-sgd-momentum' keeps a float32 momentum buffer (4 bytes/parameter). K > 0: no "
+        "buffer; the momentum is rebuilt each step from the last K steps' (seed, g), "
+        "truncating the series β^k after K terms (K extra direction generations per pass).",
+    )
+    betas: tuple[float, float] = _help((0.9, 0.999), "Adam's (β1, β2) for 'zo-adam', each in [0, 1).")
+    adam_eps: float = _help(1e-8, "Adam's denominator epsilon for 'zo-adam', > 0.")
+    cge_coordinates: int = _help(
+        16, "Coordinates estimated per step by estimator='cge' (2 forwards each), drawn from the step seed."
+    )
+    sparsity: float = _help(
+        0.0,
+        "Sparse MeZO: the fraction of each tensor left unperturbed and not updated, in [0, 1); "
+        "0 is dense. The mask is computed on the fly, never stored.",
+    )
+    sparsity_mode: str = _help(
+        "magnitude",
+        "'magnitude': perturb the (1 - sparsity) fraction of each tensor with the smallest "
+        "|θ| (Sparse MeZO; the per-tensor threshold is the quantile of a 65,536-element keyed "
+        "sample of |θ|, recomputed each step; needs out-of-place perturbation so every pass sees "
+        "the same unperturbed θ). 'random': a keyed random mask, resampled every "
+        "sparsity_resample_every steps.",
+    )
+    sparsity_resample_every: int = _help(1, "Steps between resamplings of the random sparsity mask, >= 1.")
+    block_wise: str | None = _help(
+        None,
+        "Block-wise descent (ZO-Bench): perturb and update one block per step, a block being a "
+        "transformer layer (parameters sharing the name prefix up to their first numeric index) "
+        "or a tensor outside any layer. None: all at once; 'cycle': blocks in order; 'random': "
+        "a block drawn from the step seed.",
+    )
+    maximize: bool = _help(
+        False, "Maximise what the closure returns (an accuracy, a reward) instead of minimising it."
     )
     dropout: str = _help(
         "same-masks",
@@ -105,6 +166,39 @@ class ZOConfig:
                 "(1 is MeZO's setting)."
             )
         _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("sparsity_mode", self.sparsity_mode, SPARSITY_MODES)
+        if self.block_wise is not None:
+            _check_choice("block_wise", self.block_wise, BLOCK_WISE)
+        _check_unit("momentum", self.momentum)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+            raise ValueError(f"ZOConfig.betas={self.betas!r} is invalid: use two numbers in [0, 1), e.g. (0.9, 0.999).")
+        for b in self.betas:
+            _check_unit("betas", b)
+        _check_positive_float("adam_eps", self.adam_eps)
+        _check_int("momentum_history", self.momentum_history, 0)
+        _check_int("cge_coordinates", self.cge_coordinates, 1)
+        _check_int("sparsity_resample_every", self.sparsity_resample_every, 1)
+        _check_unit("sparsity", self.sparsity)
+        if not isinstance(self.maximize, bool):
+            raise ValueError(f"ZOConfig.maximize={self.maximize!r} is invalid: use True or False.")
+        if self.estimator == "rank" and self.n_queries < 2:
+            raise ValueError(
+                f"estimator='rank' ranks n_queries candidates; n_queries={self.n_queries} is too few: use >= 2."
+            )
+        if self.estimator == "cge" and self.optimizer != "zo-sgd":
+            raise ValueError(
+                f"estimator='cge' updates single coordinates and supports optimizer='zo-sgd' only, "
+                f"not {self.optimizer!r}."
+            )
+        if self.sparsity and self.sparsity_mode == "magnitude" and self.perturbation == "in-place":
+            raise ValueError(
+                "sparsity_mode='magnitude' needs every pass to see the unperturbed weights: use "
+                "perturbation='out-of-place' or 'auto' (not 'in-place'), or sparsity_mode='random'."
+            )
         _check_choice("dropout", self.dropout, DROPOUT_MODES)
         _check_choice("perturbation", self.perturbation, PERTURBATION_MODES)
         for name in ("stochastic_rounding", "all_reduce"):
@@ -158,6 +252,17 @@ def _check_positive_float(name: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok or not math.isfinite(value) or value <= 0:
         raise ValueError(f"ZOConfig.{name}={value!r} is invalid: use a finite number > 0 (MeZO uses 1e-3).")
+
+
+def _check_unit(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (0 <= value < 1):
+        raise ValueError(f"ZOConfig.{name}={value!r} is invalid: use a number in [0, 1).")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"ZOConfig.{name}={value!r} is invalid: use an integer >= {low}.")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -102,7 +102,7 @@ def test_step_without_closure():
 
 def test_apply_update_with_the_wrong_number_of_gradients():
     opt = ZOOptimizer(model(), lr=1e-3, n_queries=2)
-    with pytest.raises(ValueError, match="2 projected gradients|n_queries=2"):
+    with pytest.raises(ValueError, match="got 1 projected gradients; this configuration"):
         opt.apply_update([1.0])
     with pytest.raises(ValueError, match="Non-finite"):
         opt.apply_update([1.0, float("nan")])

@@ -12,6 +12,7 @@ optimizer step.  No integration re-implements a pass or an update rule.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +25,9 @@ from torch import nn
 
 from ..config import ZOConfig
 from .noise import mix64, step_seed, tensor_key
-from .passes import HALF_DTYPES, ParamSpec, perturb_, perturbed_copy, update_
+from .passes import HALF_DTYPES, ParamSpec, _frozen_slices, perturb_, perturbed_copy, update_
+from .sparsity import sparsity_mask
+from .updates import init_state, rule_update_
 from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
 
 __all__ = ["ZOOptimizer", "ZOStepInfo", "ZOEstimate"]
@@ -100,6 +103,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: base seed of the direction stream.
         model: the module that owns ``params`` when ``params`` are tensors or groups; gives
             stable names, padding rows, out-of-place perturbation and dropout="eval".
+        ranking_oracle: for ``estimator='rank'``: a callable receiving the closure's outputs
+            for the ``n_queries`` candidates and returning their indices best first (a human,
+            a reward model); by default candidates are ranked by the closure's scalar.
         **zo_config_fields: any other ``ZOConfig`` field (``n_queries``, ``distribution``,
             ``dropout``, ``perturbation``, ...).
     """
@@ -113,6 +119,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         *,
         model: nn.Module | None = None,
+        ranking_oracle: Callable[[list[Any]], Sequence[int]] | None = None,
         **zo_config_fields: Any,
     ) -> None:
         unknown = set(zo_config_fields) - set(ZOConfig.field_names())
@@ -145,6 +152,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._traj_shifts: list[list[list[float]]] = []
         self._traj_seeds: list[int] = []
         self._validated = False
+        self._history: list[list[tuple[int, float]]] = []  # stateless momentum: recent terms
+        self.rejected_steps = 0  # zo-sgd-conservative: updates not taken
+        self.ranking_oracle = ranking_oracle
+        self._blocks = self._build_blocks()
+        self._active: list[ParamSpec] = self.specs()
         self.last_step = ZOStepInfo()
 
     # ------------------------------------------------------------------ setup
@@ -205,8 +217,17 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "dropout='eval' needs the model to switch to eval(): use ZOOptimizer(model, ...)."
             )
+        cfg = self.config
+        needs_model = cfg.estimator == "forward-grad" or (cfg.sparsity and cfg.sparsity_mode == "magnitude")
+        if needs_model and self.model is None:
+            raise ValueError(
+                f"estimator={cfg.estimator!r} / sparsity_mode={cfg.sparsity_mode!r} applies perturbations "
+                "out of place and needs the model: use ZOOptimizer(model, ...)."
+            )
         for spec in self.specs():
-            if mode == "auto":  # fp32/fp64: in place, the least memory; half: exact, out of place
+            if needs_model:  # every pass must see the unperturbed weights
+                spec.in_place = False
+            elif mode == "auto":  # fp32/fp64: in place, the least memory; half: exact, out of place
                 spec.in_place = spec.param.dtype not in HALF_DTYPES
             else:
                 spec.in_place = mode == "in-place"
@@ -215,6 +236,21 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def specs(self) -> list[ParamSpec]:
         return [s for g in self._specs for s in g]
+
+    def active_specs(self) -> list[ParamSpec]:
+        """The tensors this step perturbs and updates (all of them unless ``block_wise``)."""
+        return self._active
+
+    def _build_blocks(self) -> list[list[ParamSpec]]:
+        """Blocks for block-wise descent: parameters sharing the name prefix up to their first
+        numeric component (a transformer layer), or one block per other tensor."""
+        blocks: dict[str, list[ParamSpec]] = {}
+        for spec in self.specs():
+            parts = spec.name.split(".")
+            idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+            prefix = ".".join(parts[: idx + 1]) if idx is not None else spec.name
+            blocks.setdefault(prefix, []).append(spec)
+        return list(blocks.values())
 
     @property
     def perturbation_mode(self) -> str:
@@ -244,7 +280,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._traj_shifts.append([[self._query_of(seed), coeff] for seed, coeff in terms])
         if todo:
             perturb_(
-                [s for s in self.specs() if s.in_place],
+                [s for s in self.active_specs() if s.in_place],
                 todo,
                 distribution=self.config.distribution,
                 chunk_size=self.config.chunk_size,
@@ -264,13 +300,19 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def _perturbed(self, seed: int, coeff: float):
-        if self._mode != "out-of-place":
-            self._shift_in_place([(seed, coeff)])
-        if self._mode == "in-place":
+        with self._perturbed_terms([(seed, coeff)]):
+            yield
+
+    @contextmanager
+    def _perturbed_terms(self, terms: list[tuple[int, float]]):
+        """Weights at ``theta + sum(coeff * z(seed))`` for the duration of the block."""
+        if any(s.in_place for s in self.active_specs()):
+            self._shift_in_place(terms)
+        oop = [s for s in self.active_specs() if not s.in_place]
+        if not oop:
             yield
         else:
-            oop = [s for s in self.specs() if not s.in_place]
-            with _OutOfPlace(self.model, oop, [(seed, coeff)], self.config):
+            with _OutOfPlace(self.model, oop, terms, self.config):
                 yield
 
     @contextmanager
@@ -288,43 +330,167 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ estimate / update
     def estimate(self, closure: Callable[[], Any], *, step: int | None = None) -> ZOEstimate:
-        """Probe the loss at ``theta +/- eps*z`` for each direction of step ``step``.
+        """Probe the closure around ``theta`` for step ``step`` with the configured estimator;
+        ``projected_grads`` holds one coefficient per direction (per coordinate for 'cge').
 
         Weights are not updated.  In in-place mode the last perturbation is left pending and
         is undone by the next pass (fused), by ``apply_update`` or by ``restore()``.
         A NaN/inf loss ends the probe early, restores the weights and marks it skipped.
         """
         step = self._step if step is None else step
-        eps = self.config.eps
-        seeds = self.seeds_for(step)
         if not self._validated:
             self._validate_closure(closure)
         self._begin_step(step)
-        rng = _RngState(self.specs()) if self.config.dropout == "same-masks" else None
+        seeds = self.seeds_for(step)
         est = ZOEstimate(step, seeds[0], [], [], [], False)
+        rng = _RngState(self.specs()) if self.config.dropout == "same-masks" else None
+        probe = getattr(self, "_estimate_" + self.config.estimator.replace("-", "_"))
         try:
             with torch.no_grad(), self._forward_mode():
-                for seed in seeds:
-                    losses = []
-                    for coeff in (eps, -eps):
-                        # in-place: +eps from theta, then -2eps from theta + eps*z
-                        with self._perturbed(seed, coeff):
-                            if rng is not None:
-                                rng.restore()
-                            losses.append(_as_float_loss(closure()))
-                        if not math.isfinite(losses[-1]):
-                            break
-                    est.losses_plus.append(losses[0])
-                    est.losses_minus.append(losses[1] if len(losses) > 1 else float("nan"))
-                    if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
-                        self.restore()
-                        est.skipped = True
-                        return est
-                    est.projected_grads.append((losses[0] - losses[1]) / (2 * eps))
+                probe(closure, seeds, est, rng)
         except BaseException:
             self.restore()  # a closure that raised never leaves the weights perturbed
             raise
+        if est.skipped:
+            self.restore()
         return est
+
+    def _loss(self, closure: Callable[[], Any], rng: _RngState | None) -> float:
+        if rng is not None:
+            rng.restore()
+        return _as_float_loss(closure())
+
+    @property
+    def _sign(self) -> float:
+        return -1.0 if self.config.maximize else 1.0
+
+    def _estimate_spsa(self, closure, seeds, est: ZOEstimate, rng) -> None:
+        eps = self.config.eps
+        for seed in seeds:
+            losses = []
+            for coeff in (eps, -eps):
+                # in-place: +eps from theta, then -2eps from theta + eps*z
+                with self._perturbed(seed, coeff):
+                    losses.append(self._loss(closure, rng))
+                if not math.isfinite(losses[-1]):
+                    break
+            est.losses_plus.append(losses[0])
+            est.losses_minus.append(losses[1] if len(losses) > 1 else float("nan"))
+            if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
+                est.skipped = True
+                return
+            est.projected_grads.append(self._sign * (losses[0] - losses[1]) / (2 * eps))
+
+    def _estimate_forward(self, closure, seeds, est: ZOEstimate, rng) -> None:
+        eps = self.config.eps
+        self.restore()
+        base = self._loss(closure, rng)
+        for seed in seeds:
+            with self._perturbed(seed, eps):
+                loss = self._loss(closure, rng)
+            est.losses_plus.append(loss)
+            est.losses_minus.append(base)  # the unperturbed loss, shared by all directions
+            if not (math.isfinite(loss) and math.isfinite(base)):
+                est.skipped = True
+                return
+            est.projected_grads.append(self._sign * (loss - base) / eps)
+
+    def _estimate_rank(self, closure, seeds, est: ZOEstimate, rng) -> None:
+        """ZO-RankSGD: only the ranking of the candidates theta + eps*z_j enters the update,
+        d = sum over ranked pairs (better i, worse j) of (z_j - z_i) / #pairs; descending
+        along -d.  Candidate j's coefficient is (2 p_j - m + 1) / (m (m - 1) / 2) with p_j its
+        rank (0 = best)."""
+        eps, m = self.config.eps, len(seeds)
+        outputs, losses = [], []
+        for seed in seeds:
+            with self._perturbed(seed, eps):
+                if rng is not None:
+                    rng.restore()
+                out = closure()
+            if self.ranking_oracle is None:
+                loss = _as_float_loss(out)
+                losses.append(loss)
+                if not math.isfinite(loss):
+                    est.losses_plus, est.skipped = losses, True
+                    return
+            outputs.append(out)
+        if self.ranking_oracle is not None:
+            order = [int(i) for i in self.ranking_oracle(outputs)]
+            if sorted(order) != list(range(m)):
+                raise ValueError(
+                    f"ranking_oracle must return a permutation of range({m}) (best first); got {order}."
+                )
+        else:
+            order = sorted(range(m), key=lambda j: self._sign * losses[j])
+        est.losses_plus = losses or [float("nan")] * m
+        est.losses_minus = [float("nan")] * m
+        pairs = m * (m - 1) / 2
+        coef = [0.0] * m
+        for p, j in enumerate(order):
+            coef[j] = (2 * p - m + 1) / pairs
+        # apply_update divides by n_queries: hand it m * coefficient
+        est.projected_grads = [m * c for c in coef]
+
+    def _estimate_forward_grad(self, closure, seeds, est: ZOEstimate, rng) -> None:
+        import torch.autograd.forward_ad as fwAD
+
+        for seed in seeds:
+            with fwAD.dual_level(), _OutOfPlace(self.model, self.active_specs(), [(seed, 1.0)], self.config, dual=True):
+                if rng is not None:
+                    rng.restore()
+                out = closure()
+                if not isinstance(out, torch.Tensor) or out.numel() != 1:
+                    raise ValueError("estimator='forward-grad' needs the closure to return a scalar loss tensor.")
+                primal, tangent = fwAD.unpack_dual(out)
+                loss = float(primal.detach().item())
+                deriv = float(tangent.item()) if tangent is not None else 0.0
+            est.losses_plus.append(loss)
+            est.losses_minus.append(loss)
+            if not (math.isfinite(loss) and math.isfinite(deriv)):
+                est.skipped = True
+                return
+            est.projected_grads.append(self._sign * deriv)
+
+    def _cge_coordinates(self, step: int) -> list[tuple[ParamSpec, int]]:
+        specs = [sp for sp in self.active_specs() if sp.param.numel()]
+        sizes = [sp.param.numel() for sp in specs]
+        total = sum(sizes)
+        gen = torch.Generator().manual_seed(mix64(step_seed(self.config.seed, step), 0xC6E) >> 1)
+        picks = torch.randint(0, total, (self.config.cge_coordinates,), generator=gen).tolist()
+        bounds = torch.tensor(sizes).cumsum(0).tolist()
+        out = []
+        for g in picks:
+            k = next(i for i, b in enumerate(bounds) if g < b)
+            out.append((specs[k], g - (bounds[k - 1] if k else 0)))
+        return out
+
+    def _estimate_cge(self, closure, seeds, est: ZOEstimate, rng) -> None:
+        """DeepZero's coordinate-wise estimate: each sampled coordinate i is set to
+        theta_i +/- eps (the original value is saved, so restore is exact in every dtype)
+        and g_i = (L+ - L-) / (actual difference of the two stored values)."""
+        eps = self.config.eps
+        for spec, i in self._cge_coordinates(est.step):
+            flat = spec.param.data.view(-1)
+            frozen = any(s.start <= 0 < s.stop for s in _frozen_slices(spec, i, 1))
+            masked = spec.mask is not None and not bool(spec.mask(i, 1)[0])
+            if frozen or masked:
+                est.projected_grads.append(0.0)
+                continue
+            orig = flat[i].clone()
+            vals, losses = [], []
+            try:
+                for c in (eps, -eps):
+                    flat[i] = (orig.double() + c).to(flat.dtype)
+                    vals.append(float(flat[i].double()))
+                    losses.append(self._loss(closure, rng))
+            finally:
+                flat[i] = orig
+            est.losses_plus.append(losses[0])
+            est.losses_minus.append(losses[1])
+            if not all(math.isfinite(v) for v in losses) or vals[0] == vals[1]:
+                est.skipped = True
+                return
+            est.projected_grads.append(self._sign * (losses[0] - losses[1]) / (vals[0] - vals[1]))
 
     def _validate_closure(self, closure: Callable[[], Any]) -> None:
         """Run the closure once on the unperturbed weights before the first perturbation, so a
@@ -336,39 +502,93 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._validated = True
 
     def apply_update(self, projected_grads: Sequence[float], *, step: int | None = None) -> None:
-        """Apply ``theta <- theta - lr * (mean_q g_q z_q + wd * theta)`` for step ``step``
-        (default: the current step) with each group's ``lr`` and ``weight_decay``; fuses the
+        """Apply the configured update rule for step ``step`` (default: the current step)
+        along ``d = mean_q g_q z_q`` with each group's ``lr`` and ``weight_decay``; fuses the
         restore of a pending in-place perturbation into the same pass; advances the step."""
         step = self._step if step is None else step
-        seeds = self.seeds_for(step)
-        if len(projected_grads) != len(seeds):
+        self._begin_step(step)
+        cfg = self.config
+        expected = cfg.cge_coordinates if cfg.estimator == "cge" else cfg.n_queries
+        if len(projected_grads) != expected:
             raise ValueError(
-                f"apply_update got {len(projected_grads)} projected gradients for n_queries={len(seeds)}."
+                f"apply_update got {len(projected_grads)} projected gradients; this configuration "
+                f"(estimator={cfg.estimator!r}) makes {expected} per step."
             )
         if not all(math.isfinite(g) for g in projected_grads):
             raise ValueError(f"Non-finite projected gradient {list(projected_grads)}; skip the step instead.")
+        if cfg.estimator == "cge":
+            self._apply_cge(projected_grads, step)
+        else:
+            self._apply_directions(projected_grads, step)
+        self._pending = []
+        self._step = step + 1
+
+    def _direction_terms(self, projected_grads: Sequence[float], step: int) -> list[tuple[int, float]]:
+        """The estimated gradient of this step as (seed, coefficient) terms; with stateless
+        momentum, the beta-weighted terms of the last ``momentum_history`` steps too."""
+        seeds = self.seeds_for(step)
+        terms = [(s, g / len(seeds)) for s, g in zip(seeds, projected_grads)]
+        cfg = self.config
+        if cfg.optimizer == "zo-sgd-momentum" and cfg.momentum_history > 0:
+            self._history.append(terms)
+            del self._history[: -cfg.momentum_history]
+            terms = [
+                (s, c * cfg.momentum**age)
+                for age, past in enumerate(reversed(self._history))
+                for s, c in past
+            ]
+        return terms
+
+    def _apply_directions(self, projected_grads: Sequence[float], step: int) -> None:
+        cfg = self.config
         restore = self._pending
-        nq = len(seeds)
+        terms = self._direction_terms(projected_grads, step)
+        round_seed = mix64(self.seeds_for(step)[0], 0x5D) if cfg.stochastic_rounding else None
+        rule = {"zo-sgd-sign": "sign", "zo-adam": "adam"}.get(cfg.optimizer)
+        if cfg.optimizer == "zo-sgd-momentum" and cfg.momentum_history == 0:
+            rule = "momentum"
+        active = {id(sp) for sp in self.active_specs()}
         for group, gspecs in zip(self.param_groups, self._specs):
             lr, wd = float(group["lr"]), float(group["weight_decay"])
             _check_hyper("lr", lr)
             _check_hyper("weight_decay", wd)
-            update = [(s, -lr * g / nq) for s, g in zip(seeds, projected_grads) if lr * g != 0.0]
-            decay = lr * wd
-            if not restore and not update and decay == 0.0:
-                continue
             for spec in gspecs:
-                update_(
-                    spec,
-                    restore=restore if spec.in_place else [],
-                    update=update,
-                    decay=decay,
-                    distribution=self.config.distribution,
-                    chunk_size=self.config.chunk_size,
-                    round_seed=mix64(seeds[0], 0x5D) if self.config.stochastic_rounding else None,
-                )
-        self._pending = []
-        self._step = step + 1
+                if id(spec) not in active:
+                    continue
+                mine = restore if spec.in_place else []
+                if rule is None:
+                    update = [(s, -lr * c) for s, c in terms if lr * c != 0.0]
+                    if not mine and not update and lr * wd == 0.0:
+                        continue
+                    update_(
+                        spec, restore=mine, update=update, decay=lr * wd, distribution=cfg.distribution,
+                        chunk_size=cfg.chunk_size, round_seed=round_seed,
+                    )
+                else:
+                    state = self.state[spec.param]
+                    if not state:
+                        state.update(init_state(rule, spec.param))
+                        state["step"] = 0
+                    state["step"] += 1
+                    rule_update_(
+                        spec, rule=rule, restore=mine, grads=terms, lr=lr, weight_decay=wd,
+                        state={k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
+                        momentum=cfg.momentum, betas=cfg.betas, adam_eps=cfg.adam_eps,
+                        adam_step=state["step"], distribution=cfg.distribution, chunk_size=cfg.chunk_size,
+                        round_seed=round_seed,
+                    )
+
+    def _apply_cge(self, projected_grads: Sequence[float], step: int) -> None:
+        group_of = {id(sp): g for g, gspecs in zip(self.param_groups, self._specs) for sp in gspecs}
+        with torch.no_grad():
+            for (spec, i), g in zip(self._cge_coordinates(step), projected_grads):
+                group = group_of[id(spec)]
+                lr, wd = float(group["lr"]), float(group["weight_decay"])
+                if g == 0.0 and wd == 0.0:
+                    continue
+                flat = spec.param.data.view(-1)
+                x = flat[i].double()
+                flat[i] = (x - lr * (g + wd * x)).to(flat.dtype)
 
     def skip(self, *, step: int | None = None) -> None:
         """Skip step ``step``: restore any pending perturbation, count it, advance the step."""
@@ -433,6 +653,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Open the trajectory log before the first weight changes (base hash), and note the
         seeds of the step so recorded passes name their direction by query index."""
         self._traj_seeds = self.seeds_for(step)
+        cfg = self.config
+        if cfg.block_wise is not None:
+            nb = len(self._blocks)
+            b = step % nb if cfg.block_wise == "cycle" else mix64(cfg.seed, step, 0xB10C) % nb
+            self._active = self._blocks[b]
+        for spec in self.specs():
+            spec.mask = sparsity_mask(spec, cfg, step) if cfg.sparsity else None
         if self._trajectory is None and self.config.trajectory_path:
             self._trajectory = TrajectoryWriter(self.config.trajectory_path, self.trajectory_header(), step)
 
@@ -441,6 +668,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         from .. import __version__
 
         cfg = {k: v for k, v in self.config.to_dict().items() if k != "trajectory_path"}
+        cfg = json.loads(json.dumps(cfg))  # the form it takes in the log (tuples -> lists)
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -564,8 +792,10 @@ class _OutOfPlace:
     copy is regenerated from the same key.
     """
 
-    def __init__(self, model: nn.Module, specs: list[ParamSpec], terms, config: ZOConfig) -> None:
-        self.model, self.terms, self.config = model, terms, config
+    def __init__(
+        self, model: nn.Module, specs: list[ParamSpec], terms, config: ZOConfig, *, dual: bool = False
+    ) -> None:
+        self.model, self.terms, self.config, self.dual = model, terms, config, dual
         by_id = {id(s.param): s for s in specs}
         self.owners: dict[nn.Module, list[tuple[str, ParamSpec]]] = {}
         for mod in model.modules():
@@ -586,9 +816,15 @@ class _OutOfPlace:
         saved = []
         for attr, spec in self.owners[mod]:
             saved.append((attr, mod._parameters[attr]))
-            mod._parameters[attr] = perturbed_copy(
-                spec, self.terms, distribution=self.config.distribution, chunk_size=self.config.chunk_size
-            )
+            if self.dual:  # forward-grad: theta carrying the tangent z (forward-mode AD)
+                import torch.autograd.forward_ad as fwAD
+
+                z = direction_tensor(spec, self.terms, self.config)
+                mod._parameters[attr] = fwAD.make_dual(spec.param.detach(), z.to(spec.param.dtype))
+            else:
+                mod._parameters[attr] = perturbed_copy(
+                    spec, self.terms, distribution=self.config.distribution, chunk_size=self.config.chunk_size
+                )
             self.visited.add(id(spec.param))
         self.saved[mod] = saved
 
@@ -623,6 +859,14 @@ class _OutOfPlace:
                 )
 
 
+def direction_tensor(spec: ParamSpec, terms, config: ZOConfig) -> torch.Tensor:
+    """``sum(coeff * z(seed))`` for the whole of ``spec`` as a float32 tensor (frozen rows and
+    masked elements zero)."""
+    zeros = torch.zeros(spec.param.shape, dtype=torch.float32, device=spec.param.device)
+    probe = ParamSpec(zeros, spec.name, spec.key, spec.frozen_rows, mask=spec.mask)
+    return perturbed_copy(probe, terms, distribution=config.distribution, chunk_size=config.chunk_size)
+
+
 def materialize_direction(
     opt: ZOOptimizer, param: torch.Tensor, *, step: int, query: int = 0
 ) -> torch.Tensor:
@@ -632,16 +876,4 @@ def materialize_direction(
     spec = next((s for s in opt.specs() if s.param is param), None)
     if spec is None:
         raise ValueError("That tensor is not one of the optimizer's parameters.")
-    seed = opt.seeds_for(step)[query]
-    out = perturbed_copy(
-        ParamSpec(
-            torch.zeros(param.shape, dtype=torch.float32, device=param.device),
-            spec.name,
-            spec.key,
-            spec.frozen_rows,
-        ),
-        [(seed, 1.0)],
-        distribution=opt.config.distribution,
-        chunk_size=opt.config.chunk_size,
-    )
-    return out
+    return direction_tensor(spec, [(opt.seeds_for(step)[query], 1.0)], opt.config)

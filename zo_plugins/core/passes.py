@@ -11,7 +11,7 @@ A *term* is ``(seed, coeff)`` and stands for ``coeff * z(seed)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +43,9 @@ class ParamSpec:
     """Rows (along dim 0) that are never perturbed or updated, e.g. an embedding's padding row."""
     in_place: bool = True
     """Perturbed in place (True) or handed to its module as a perturbed copy (False)."""
+    mask: Callable[[int, int], torch.Tensor] | None = None
+    """Sparsity: ``mask(start, n)`` gives the elements ``[start, start+n)`` that are perturbed
+    and updated (bool); the others are left bit-identical.  Set per step by the optimizer."""
 
     @property
     def row_len(self) -> int:
@@ -84,6 +87,19 @@ class _Chunks:
         for start in range(0, numel, self.chunk_size):
             yield start, min(self.chunk_size, numel - start)
 
+    def direction(self, spec: ParamSpec, seed: int, start: int, n: int) -> torch.Tensor:
+        """``z(seed)`` for elements ``[start, start+n)`` in float32, zero on frozen rows and
+        outside the sparsity mask; a view into a reused buffer."""
+        z = self.buffer(spec.param.device, torch.float32, 1)[:n]
+        fill_direction_(
+            z, distribution=self.distribution, seed=seed, key=spec.key, offset=start, numel=spec.param.numel()
+        )
+        for s in _frozen_slices(spec, start, n):
+            z[s] = 0
+        if spec.mask is not None:
+            z.masked_fill_(~spec.mask(start, n), 0)
+        return z
+
     def direction_sum(
         self, spec: ParamSpec, terms: Sequence[Term], start: int, n: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, float]:
@@ -110,6 +126,8 @@ class _Chunks:
                 acc.add_(tmp, alpha=coeff)
         for s in _frozen_slices(spec, start, n):
             acc[s] = 0
+        if spec.mask is not None:
+            acc.masked_fill_(~spec.mask(start, n), 0)
         return acc, scale
 
 
@@ -189,7 +207,8 @@ def update_(
         for start, n in chunks.ranges(flat.numel()):
             cur = flat[start : start + n]
             frozen = _frozen_slices(spec, start, n)
-            direct = not half and cur.dtype == cdt and not frozen
+            keep = None if spec.mask is None else ~spec.mask(start, n)  # before cur changes
+            direct = not half and cur.dtype == cdt and not frozen and keep is None
             x = cur if direct else cur.to(cdt, copy=True)
             if decay:
                 x.mul_(1.0 - decay)
@@ -200,6 +219,8 @@ def update_(
                 continue
             for s in frozen:
                 x[s] = cur[s].to(cdt)
+            if keep is not None:
+                x = torch.where(keep, cur.to(cdt), x)
             if half and round_seed is not None:
                 stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=flat.numel())
             else:

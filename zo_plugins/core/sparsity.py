@@ -1,0 +1,67 @@
+"""Sparse MeZO masks, computed on the fly from the weights or a keyed stream: no mask the
+size of the model is ever stored.
+
+* ``magnitude`` (Sparse MeZO, Liu et al. 2024): perturb and update the ``1 - sparsity``
+  fraction of each tensor with the smallest ``|theta|``.  The per-tensor threshold is the
+  ``1 - sparsity`` quantile of ``|theta|`` over the whole tensor when it has at most 65,536
+  elements, else over a 65,536-element sample drawn from the step seed (so the fraction is
+  matched to within ~0.5%); it is recomputed every step from the unperturbed weights.
+* ``random``: element ``i`` is perturbed when a keyed uniform ``u(seed, step // every, key,
+  i) >= sparsity``; the mask changes every ``sparsity_resample_every`` steps.
+
+Unlike ZO-Bench's code, which zeroes a fraction of z chosen by the z values themselves, the
+mask here selects weights, and the same mask gates the perturbation and the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .noise import mix64, native_blocks_, step_seed
+from .passes import ParamSpec
+
+__all__ = ["sparsity_mask", "SAMPLE"]
+
+SAMPLE = 1 << 16
+_SALT = 0x5FA75E
+
+
+def _uniform(buf: torch.Tensor, gen: torch.Generator) -> None:
+    buf.uniform_(generator=gen)
+
+
+def magnitude_threshold(spec: ParamSpec, sparsity: float, seed: int) -> float:
+    flat = spec.param.detach().reshape(-1)
+    if flat.numel() <= SAMPLE:
+        sample = flat.abs().float()
+    else:
+        gen = torch.Generator(device=flat.device).manual_seed(mix64(seed, spec.key, _SALT) >> 1)
+        idx = torch.randint(0, flat.numel(), (SAMPLE,), generator=gen, device=flat.device)
+        sample = flat[idx].abs().float()
+    k = max(1, min(sample.numel(), round((1.0 - sparsity) * sample.numel())))
+    return float(sample.kthvalue(k).values)
+
+
+def sparsity_mask(spec: ParamSpec, config, step: int) -> Callable[[int, int], torch.Tensor]:
+    """``mask(start, n)`` for step ``step``: True where the element is perturbed/updated."""
+    s = config.sparsity
+    if config.sparsity_mode == "magnitude":
+        thr = magnitude_threshold(spec, s, step_seed(config.seed, step))
+        flat = spec.param.detach().view(-1)
+
+        def mask(start: int, n: int) -> torch.Tensor:
+            return flat[start : start + n].abs() <= thr
+
+        return mask
+    epoch_seed = mix64(config.seed, step // config.sparsity_resample_every, _SALT)
+    key = mix64(epoch_seed, spec.key)
+    numel = spec.param.numel()
+
+    def mask(start: int, n: int) -> torch.Tensor:
+        u = torch.empty(n, device=spec.param.device)
+        native_blocks_(u, seed=key, offset=start, numel=numel, draw=_uniform)
+        return u >= s
+
+    return mask

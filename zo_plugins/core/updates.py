@@ -1,0 +1,108 @@
+"""Update rules beyond ZO-SGD: sign, momentum (stored buffer) and Adam, each in one
+read-modify-write pass that regenerates every direction once.
+
+ZO-SGD itself, and stateless momentum (a ZO-SGD step along the β-weighted directions of the
+last K steps), are linear in the directions and run through ``passes.update_``, which merges
+the restore of an in-place perturbation into the same generation.
+
+The estimated gradient of a step is ``d = sum_q c_q z_q`` (``c_q = g_q / n_queries``, or the
+ZO-RankSGD weights).  ``zo-sgd-sign`` uses the element-wise ``sign(d)`` -- not, as ZO-Bench's
+code does, ``z * sign(g)`` -- so with several directions it is the sign of the averaged
+estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .passes import HALF_DTYPES, ParamSpec, Term, _Chunks, _compute_dtype, _flat, _frozen_slices, stochastic_round_
+
+__all__ = ["RULES", "STATE_BYTES_PER_PARAM", "rule_update_"]
+
+RULES = ("sign", "momentum", "adam")
+STATE_BYTES_PER_PARAM = {"zo-sgd": 0, "zo-sgd-sign": 0, "zo-sgd-conservative": 0, "zo-sgd-momentum": 4, "zo-adam": 8}
+"""float32 optimizer state per trainable parameter (zo-sgd-momentum with momentum_history > 0: 0)."""
+
+
+def init_state(rule: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    z = lambda: torch.zeros(param.shape, dtype=torch.float32 if param.dtype != torch.float64 else torch.float64, device=param.device)  # noqa: E731
+    if rule == "momentum":
+        return {"momentum_buffer": z()}
+    if rule == "adam":
+        return {"exp_avg": z(), "exp_avg_sq": z()}
+    return {}
+
+
+def rule_update_(
+    spec: ParamSpec,
+    *,
+    rule: str,
+    restore: Sequence[Term],
+    grads: Sequence[Term],
+    lr: float,
+    weight_decay: float,
+    state: dict[str, torch.Tensor],
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    adam_step: int = 1,
+    distribution: str,
+    chunk_size: int,
+    round_seed: int | None = None,
+) -> None:
+    """``x = theta + sum(restore)``; ``d = sum(grads)``; then per ``rule``:
+    sign: ``theta = x - lr (sign(d) + wd x)``; momentum: ``m = momentum m + d``,
+    ``theta = x - lr (m + wd x)``; adam: bias-corrected Adam step on ``d`` with decoupled
+    weight decay.  Frozen rows and elements outside the sparsity mask keep their bits."""
+    if rule not in RULES:
+        raise ValueError(f"unknown update rule {rule!r}")
+    chunks = _Chunks(chunk_size, distribution)
+    flat = _flat(spec.param)
+    cdt = _compute_dtype(flat)
+    half = flat.dtype in HALF_DTYPES
+    r_coef: dict[int, float] = {}
+    g_coef: dict[int, float] = {}
+    for s, c in restore:
+        r_coef[s] = r_coef.get(s, 0.0) + c
+    for s, c in grads:
+        g_coef[s] = g_coef.get(s, 0.0) + c
+    seeds = list(dict.fromkeys(list(r_coef) + list(g_coef)))
+    st = {k: v.view(-1) for k, v in state.items()}
+    with torch.no_grad():
+        for start, n in chunks.ranges(flat.numel()):
+            cur = flat[start : start + n]
+            keep = None if spec.mask is None else ~spec.mask(start, n)
+            x = cur.to(cdt, copy=True)
+            d = torch.zeros(n, dtype=cdt, device=cur.device)
+            for seed in seeds:
+                z = chunks.direction(spec, seed, start, n)
+                if r_coef.get(seed):
+                    x.add_(z, alpha=r_coef[seed])
+                if g_coef.get(seed):
+                    d.add_(z, alpha=g_coef[seed])
+            if rule == "sign":
+                step_dir = d.sign_()
+            elif rule == "momentum":
+                m = st["momentum_buffer"][start : start + n]
+                m.mul_(momentum).add_(d)
+                step_dir = m
+            else:
+                b1, b2 = betas
+                m, v = st["exp_avg"][start : start + n], st["exp_avg_sq"][start : start + n]
+                m.mul_(b1).add_(d, alpha=1 - b1)
+                v.mul_(b2).addcmul_(d, d, value=1 - b2)
+                denom = (v / (1 - b2**adam_step)).sqrt_().add_(adam_eps)
+                step_dir = (m / (1 - b1**adam_step)).div_(denom)
+            if weight_decay:
+                x.mul_(1 - lr * weight_decay)
+            x.add_(step_dir, alpha=-lr)
+            for s in _frozen_slices(spec, start, n):
+                x[s] = cur[s].to(cdt)
+            if keep is not None:
+                x = torch.where(keep, cur.to(cdt), x)
+            if half and round_seed is not None:
+                stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=flat.numel())
+            else:
+                cur.copy_(x)
