@@ -9,7 +9,15 @@ from typing import Any
 
 from .core.noise import DISTRIBUTIONS, GAUSSIAN_BLOCK
 
-__all__ = ["ZOConfig", "DROPOUT_MODES", "PERTURBATION_MODES", "ESTIMATORS", "OPTIMIZERS", "SPARSITY_MODES", "BLOCK_WISE"]
+__all__ = [
+    "ZOConfig",
+    "DROPOUT_MODES",
+    "PERTURBATION_MODES",
+    "ESTIMATORS",
+    "OPTIMIZERS",
+    "SPARSITY_MODES",
+    "BLOCK_WISE",
+]
 
 DROPOUT_MODES = ("same-masks", "eval")
 PERTURBATION_MODES = ("auto", "in-place", "out-of-place")
@@ -175,7 +183,9 @@ class ZOConfig:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
-            raise ValueError(f"ZOConfig.betas={self.betas!r} is invalid: use two numbers in [0, 1), e.g. (0.9, 0.999).")
+            raise ValueError(
+                f"ZOConfig.betas={self.betas!r} is invalid: use two numbers in [0, 1), e.g. (0.9, 0.999)."
+            )
         for b in self.betas:
             _check_unit("betas", b)
         _check_positive_float("adam_eps", self.adam_eps)

@@ -27,8 +27,8 @@ from ..config import ZOConfig
 from .noise import mix64, step_seed, tensor_key
 from .passes import HALF_DTYPES, ParamSpec, _frozen_slices, perturb_, perturbed_copy, update_
 from .sparsity import sparsity_mask
-from .updates import init_state, rule_update_
 from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
+from .updates import init_state, rule_update_
 
 __all__ = ["ZOOptimizer", "ZOStepInfo", "ZOEstimate"]
 
@@ -68,6 +68,8 @@ class ZOStepInfo:
     projected_grads: list[float] = field(default_factory=list)
     clipped: bool = False
     """True if ``clip_projected_grad`` clipped this step's projected gradient."""
+    rejected: bool = False
+    """True if 'zo-sgd-conservative' rejected the update (the loss would have got worse)."""
 
 
 def _as_float_loss(value: Any) -> float:
@@ -433,14 +435,22 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _estimate_forward_grad(self, closure, seeds, est: ZOEstimate, rng) -> None:
         import torch.autograd.forward_ad as fwAD
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         for seed in seeds:
-            with fwAD.dual_level(), _OutOfPlace(self.model, self.active_specs(), [(seed, 1.0)], self.config, dual=True):
+            # the fused CPU/flash attention kernels have no forward-AD formula; the math one has
+            with (
+                fwAD.dual_level(),
+                sdpa_kernel(SDPBackend.MATH),
+                _OutOfPlace(self.model, self.active_specs(), [(seed, 1.0)], self.config, dual=True),
+            ):
                 if rng is not None:
                     rng.restore()
                 out = closure()
                 if not isinstance(out, torch.Tensor) or out.numel() != 1:
-                    raise ValueError("estimator='forward-grad' needs the closure to return a scalar loss tensor.")
+                    raise ValueError(
+                        "estimator='forward-grad' needs the closure to return a scalar loss tensor."
+                    )
                 primal, tangent = fwAD.unpack_dual(out)
                 loss = float(primal.detach().item())
                 deriv = float(tangent.item()) if tangent is not None else 0.0
@@ -561,8 +571,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                     if not mine and not update and lr * wd == 0.0:
                         continue
                     update_(
-                        spec, restore=mine, update=update, decay=lr * wd, distribution=cfg.distribution,
-                        chunk_size=cfg.chunk_size, round_seed=round_seed,
+                        spec,
+                        restore=mine,
+                        update=update,
+                        decay=lr * wd,
+                        distribution=cfg.distribution,
+                        chunk_size=cfg.chunk_size,
+                        round_seed=round_seed,
                     )
                 else:
                     state = self.state[spec.param]
@@ -571,10 +586,19 @@ class ZOOptimizer(torch.optim.Optimizer):
                         state["step"] = 0
                     state["step"] += 1
                     rule_update_(
-                        spec, rule=rule, restore=mine, grads=terms, lr=lr, weight_decay=wd,
+                        spec,
+                        rule=rule,
+                        restore=mine,
+                        grads=terms,
+                        lr=lr,
+                        weight_decay=wd,
                         state={k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
-                        momentum=cfg.momentum, betas=cfg.betas, adam_eps=cfg.adam_eps,
-                        adam_step=state["step"], distribution=cfg.distribution, chunk_size=cfg.chunk_size,
+                        momentum=cfg.momentum,
+                        betas=cfg.betas,
+                        adam_eps=cfg.adam_eps,
+                        adam_step=state["step"],
+                        distribution=cfg.distribution,
+                        chunk_size=cfg.chunk_size,
                         round_seed=round_seed,
                     )
 
@@ -608,11 +632,33 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         est = self.estimate(closure)
         grads, skipped = all_reduce_projected_grads(est.projected_grads, est.skipped, self.config)
-        self._finish(est.step, est.step_seed, grads, skipped, est)
+        self._finish(est.step, est.step_seed, grads, skipped, est, probe=closure, baseline=est.loss)
         return torch.tensor(est.loss)
 
+    def _conservative_rejects(self, grads: list[float], step: int, probe, baseline: float) -> bool:
+        """ZO-Bench's conservative rule: probe the loss at the updated weights (without
+        writing them out of place; in place the candidate becomes the current weights) and
+        reject the update if it is worse than ``baseline``."""
+        lrs = {float(g["lr"]) for g in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError("optimizer='zo-sgd-conservative' needs one learning rate for all param groups.")
+        lr = lrs.pop()
+        terms = [(s, -lr * c) for s, c in zip(self.seeds_for(step), [g / len(grads) for g in grads])]
+        cuda = sorted({s.param.device.index or 0 for s in self.specs() if s.param.is_cuda})
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._forward_mode():
+            with self._perturbed_terms(terms):
+                new = _as_float_loss(probe())
+        return not math.isfinite(new) or self._sign * new > self._sign * baseline
+
     def _finish(
-        self, step: int, seed: int, grads: list[float], skipped: bool, est: ZOEstimate | None
+        self,
+        step: int,
+        seed: int,
+        grads: list[float],
+        skipped: bool,
+        est: ZOEstimate | None,
+        probe: Callable[[], Any] | None = None,
+        baseline: float | None = None,
     ) -> None:
         lp = est.losses_plus[-1] if est and est.losses_plus else float("nan")
         lm = est.losses_minus[-1] if est and est.losses_minus else float("nan")
@@ -623,17 +669,31 @@ class ZOOptimizer(torch.optim.Optimizer):
             grads = [max(-c, min(c, g)) for g in grads]  # QZO-style clipping of the scalar
             clipped = True
             self.clipped_steps += 1
+        rejected = False
+        if (
+            not skipped
+            and self.config.optimizer == "zo-sgd-conservative"
+            and probe is not None
+            and baseline is not None
+            and math.isfinite(baseline)
+        ):
+            rejected = self._conservative_rejects(grads, step, probe, baseline)
         if skipped:
             logger.warning(
                 "ZO step %d skipped: non-finite loss (L+=%s, L-=%s); weights left unchanged.", step, lp, lm
             )
             self.skip(step=step)
+        elif rejected:
+            self.restore()
+            self.rejected_steps += 1
+            self._step = step + 1
         else:
             self.apply_update(grads, step=step)
         mean_g = sum(grads) / len(grads) if grads and not skipped else float("nan")
         self.last_step = ZOStepInfo(
-            step, seed, mean_g, lp, lm, skipped, list(grads) if not skipped else [], clipped
+            step, seed, mean_g, lp, lm, skipped, list(grads) if not skipped else [], clipped, rejected
         )
+        skipped = skipped or rejected  # what replay must do: no update
         if self._trajectory is not None:
             self._trajectory.append(
                 {
@@ -693,12 +753,21 @@ class ZOOptimizer(torch.optim.Optimizer):
             pass
 
     def finish_step(
-        self, grads: Sequence[float], skipped: bool, *, step: int, loss_plus: float, loss_minus: float
+        self,
+        grads: Sequence[float],
+        skipped: bool,
+        *,
+        step: int,
+        loss_plus: float,
+        loss_minus: float,
+        probe: Callable[[], Any] | None = None,
+        baseline: float | None = None,
     ) -> None:
         """Apply (or skip) step ``step`` with already-accumulated projected gradients and
-        record ``last_step``; what integrations call once per optimizer step."""
+        record ``last_step``; what integrations call once per optimizer step.  ``probe`` and
+        ``baseline`` (a closure and its loss before the update) serve 'zo-sgd-conservative'."""
         est = ZOEstimate(step, self.seeds_for(step)[0], list(grads), [loss_plus], [loss_minus], skipped)
-        self._finish(step, est.step_seed, list(grads), skipped, est)
+        self._finish(step, est.step_seed, list(grads), skipped, est, probe=probe, baseline=baseline)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -707,6 +776,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             "step": self._step,
             "skipped_steps": self.skipped_steps,
             "clipped_steps": self.clipped_steps,
+            "rejected_steps": self.rejected_steps,
+            "history": [[[str(sd_), c] for sd_, c in terms] for terms in self._history],
             "config": self.config.to_dict(),
         }
         return sd
@@ -725,6 +796,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._step = int(zo["step"])
             self.skipped_steps = int(zo.get("skipped_steps", 0))
             self.clipped_steps = int(zo.get("clipped_steps", 0))
+            self.rejected_steps = int(zo.get("rejected_steps", 0))
+            self._history = [[(int(sd_), float(c)) for sd_, c in terms] for terms in zo.get("history", [])]
         self._pending = []
 
 

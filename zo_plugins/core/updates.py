@@ -17,17 +17,36 @@ from collections.abc import Sequence
 
 import torch
 
-from .passes import HALF_DTYPES, ParamSpec, Term, _Chunks, _compute_dtype, _flat, _frozen_slices, stochastic_round_
+from .passes import (
+    HALF_DTYPES,
+    ParamSpec,
+    Term,
+    _Chunks,
+    _compute_dtype,
+    _flat,
+    _frozen_slices,
+    stochastic_round_,
+)
 
 __all__ = ["RULES", "STATE_BYTES_PER_PARAM", "rule_update_"]
 
 RULES = ("sign", "momentum", "adam")
-STATE_BYTES_PER_PARAM = {"zo-sgd": 0, "zo-sgd-sign": 0, "zo-sgd-conservative": 0, "zo-sgd-momentum": 4, "zo-adam": 8}
+STATE_BYTES_PER_PARAM = {
+    "zo-sgd": 0,
+    "zo-sgd-sign": 0,
+    "zo-sgd-conservative": 0,
+    "zo-sgd-momentum": 4,
+    "zo-adam": 8,
+}
 """float32 optimizer state per trainable parameter (zo-sgd-momentum with momentum_history > 0: 0)."""
 
 
 def init_state(rule: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    z = lambda: torch.zeros(param.shape, dtype=torch.float32 if param.dtype != torch.float64 else torch.float64, device=param.device)  # noqa: E731
+    z = lambda: torch.zeros(
+        param.shape,
+        dtype=torch.float32 if param.dtype != torch.float64 else torch.float64,
+        device=param.device,
+    )  # noqa: E731
     if rule == "momentum":
         return {"momentum_buffer": z()}
     if rule == "adam":

@@ -75,12 +75,23 @@ class ZOCallback(TrainerCallback):
     ``ZOConfig`` field as a keyword.  The learning rate, scheduler, weight decay groups,
     gradient accumulation, evaluation, saving and resuming are the Trainer's own.
 
+    ``objective=fn`` replaces the loss by ``fn(model, batch)`` (any scalar: an accuracy, an
+    F1 of generated text, a reward); with ``maximize=True`` it is maximised.  Inside ``fn``,
+    calling the model runs its real forward on the perturbed weights.
+
     Logs ``projected_grad``, ``loss_plus``, ``loss_minus`` (means since the last log) and
     ``zo_skipped_steps`` into the Trainer's logs.
     """
 
-    def __init__(self, **zo_config_fields: Any) -> None:
+    def __init__(
+        self, objective: Callable[[nn.Module, dict[str, Any]], Any] | None = None, **zo_config_fields: Any
+    ) -> None:
         self.config = ZOConfig(**zo_config_fields)
+        if objective is not None and not callable(objective):
+            raise ValueError(
+                f"ZOCallback(objective=...) must be callable (model, batch) -> scalar, not {objective!r}."
+            )
+        self.objective = objective
         self.optimizer: ZOOptimizer | None = None
         self._model: nn.Module | None = None
         self._had_forward = False
@@ -99,6 +110,7 @@ class ZOCallback(TrainerCallback):
         self._lp: list[float] = []
         self._lm: list[float] = []
         self._pending_hooks = 0
+        self._last_probe: tuple[Callable[[], Any], float] | None = None
 
     def _reset_log(self) -> None:
         self._log_g: list[float] = []
@@ -158,7 +170,10 @@ class ZOCallback(TrainerCallback):
         grads, skipped = all_reduce_projected_grads(self._acc or [], self._skip, self.config)
         lp = sum(self._lp) if self._lp else float("nan")
         lm = sum(self._lm) if self._lm else float("nan")
-        opt.finish_step(grads, skipped, step=self._step, loss_plus=lp, loss_minus=lm)
+        probe, baseline = self._last_probe or (None, None)
+        opt.finish_step(
+            grads, skipped, step=self._step, loss_plus=lp, loss_minus=lm, probe=probe, baseline=baseline
+        )
         if not skipped:
             self._log_g.append(opt.last_step.projected_grad)
             self._log_lp.append(lp)
@@ -214,6 +229,10 @@ class ZOCallback(TrainerCallback):
 
             def closure() -> torch.Tensor:
                 holder.pop("out", None)  # drop the previous forward's outputs first
+                if self.objective is not None:  # a non-differentiable objective replaces the loss
+                    holder["out"] = {}
+                    batch = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
+                    return self.objective(model, batch)
                 out = orig(*args, **kwargs)
                 holder["out"] = out
                 return _extract_loss(out)
@@ -249,6 +268,8 @@ class ZOCallback(TrainerCallback):
         if self.optimizer is None:
             raise RuntimeError("ZOCallback is not set up: on_train_begin has not run.")
         est = self.optimizer.estimate(closure, step=self._step)
+        if self.config.optimizer == "zo-sgd-conservative":
+            self._last_probe = (closure, est.loss)  # the last micro-batch probes the update
         device = next(iter(self.optimizer.specs())).param.device
         leaf = torch.tensor(est.loss, dtype=torch.float32, device=device, requires_grad=True)
         leaf.register_hook(lambda grad, est=est: self._accumulate(float(grad), est))
