@@ -45,6 +45,8 @@ class ZOEstimate:
     losses_plus: list[float]
     losses_minus: list[float]
     skipped: bool
+    calls: int = 0
+    """Closure calls this estimate made (the one-time validation call is not counted)."""
 
     @property
     def loss(self) -> float:
@@ -347,9 +349,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         est = ZOEstimate(step, seeds[0], [], [], [], False)
         rng = _RngState(self.specs()) if self.config.dropout == "same-masks" else None
         probe = getattr(self, "_estimate_" + self.config.estimator.replace("-", "_"))
+
+        def counted() -> Any:
+            est.calls += 1
+            return closure()
+
         try:
             with torch.no_grad(), self._forward_mode():
-                probe(closure, seeds, est, rng)
+                probe(counted, seeds, est, rng)
         except BaseException:
             self.restore()  # a closure that raised never leaves the weights perturbed
             raise

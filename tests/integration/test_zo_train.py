@@ -1,0 +1,234 @@
+"""``zo-train`` (LightningCLI): a real fit on a tiny model + tiny local csv, the run's
+artefacts, --print_config of every recipe, and the one-sentence errors."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("lightning")
+pytest.importorskip("datasets")
+
+from zo_plugins.cli.train import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+WORDS = [
+    "good",
+    "bad",
+    "fine",
+    "awful",
+    "movie",
+    "plot",
+    "the",
+    "a",
+    "was",
+    "it",
+    "very",
+    "great",
+    "terrible",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama + word-level tokenizer saved like a hub model, and a tiny sentiment csv."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *WORDS, "It"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    model_dir = root / "tiny-llama"
+    fast.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    tf.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, n in (("train", 48), ("validation", 16)):
+        with open(root / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["review", "sentiment"])
+            for _ in range(n):
+                pos = rng.random() < 0.5
+                words = [rng.choice(["good", "fine"] if pos else ["bad", "awful"]), "movie", "the", "plot"]
+                rng.shuffle(words)
+                w.writerow([" ".join(words), "fresh" if pos else "rotten"])
+    return {
+        "model": model_dir,
+        "train": root / "train.csv",
+        "validation": root / "validation.csv",
+        "root": root,
+    }
+
+
+def run_config(tiny, tmp_path, **model_overrides) -> Path:
+    cfg = {
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "log_every_n_steps": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(tmp_path / "run")},
+            },
+            "strategy": {"class_path": "zo_plugins.lightning.ZOStrategy", "init_args": {"eps": 1e-2}},
+        },
+        "model": {
+            "model_name_or_path": str(tiny["model"]),
+            "template": "{text} It was",
+            "label_words": [" great", " terrible"],
+            "max_length": 32,
+            "lr": 1e-2,
+            **model_overrides,
+        },
+        "data": {
+            "train_file": str(tiny["train"]),
+            "validation_file": str(tiny["validation"]),
+            "text_column": "review",
+            "label_column": "sentiment",
+            "label_map": {"rotten": 1, "fresh": 0},
+            "batch_size": 8,
+        },
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_on_tiny_model_and_csv(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny["model"]).state_dict()
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "4"])
+    run = tmp_path / "run"
+    metrics = list(csv.DictReader(open(next(run.rglob("metrics.csv")))))
+    keys = set().union(*(r.keys() for r in metrics))
+    assert {"projected_grad", "loss_plus", "loss_minus", "train_loss", "val_acc", "val_f1"} <= keys
+    steps = {int(r["step"]) for r in metrics if r.get("projected_grad")}
+    assert steps == {0, 1, 2, 3}, "--trainer.max_steps 4 overrides the YAML and every step is logged"
+    assert any(run.rglob("config.yaml")), "the resolved config is saved with the run"
+    ckpts = list(run.rglob("*.ckpt"))
+    assert ckpts, "a checkpoint is written"
+    state = torch.load(ckpts[0], weights_only=False)
+    assert state["global_step"] == 4 and "zo_plugins" in state
+    moved = [
+        k for k, v in state["state_dict"].items() if not torch.equal(v, before[k.removeprefix("model.")])
+    ]
+    assert moved, "the weights moved"
+
+
+def test_fit_with_lora_adapter(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path, peft={"method": "lora", "r": 2, "target_modules": ["q_proj", "v_proj"]})
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1"])
+    state = torch.load(next((tmp_path / "run").rglob("*.ckpt")), weights_only=False)
+    lora_b = {k: v for k, v in state["state_dict"].items() if "lora_B" in k}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values()), "LoRA B (zero at init) was trained"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_prints_config(recipe, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(recipe), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "ZO" in printed["trainer"]["strategy"]["class_path"]
+    assert printed["model"]["model_name_or_path"]
+    assert isinstance(printed["model"]["lr"], float) and isinstance(
+        printed["trainer"]["strategy"]["init_args"]["eps"], float
+    )
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert "quickstart" in names
+    for family in ("opt", "llama", "mistral", "qwen", "phi", "roberta"):
+        for method in ("full", "lora", "prefix"):
+            assert any(n.startswith(family) and n.endswith(method) for n in names), (family, method)
+
+
+def expect_one_sentence(capsys_or_exc, needle: str) -> None:
+    text = str(capsys_or_exc)
+    assert needle in text, text
+    assert text.count("\n") == 0, f"not one sentence: {text}"
+
+
+def test_error_missing_model_path(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path, model_name_or_path=str(tmp_path / "no" / "such-model"))
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    expect_one_sentence(e.value.code, "does not exist")
+
+
+def test_error_template_without_text_slot(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path, template="It was")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    expect_one_sentence(e.value.code, "{text}")
+
+
+def test_error_multi_token_label_word(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path, label_words=[" very good", " bad"])
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    expect_one_sentence(e.value.code, "' very good' is 2 tokens")
+
+
+def test_error_unknown_class_path(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg), "--trainer.strategy", "zo_plugins.lightning.ZOStrategie"])
+    expect_one_sentence(e.value.code, "unknown class_path 'zo_plugins.lightning.ZOStrategie'")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["trainer"]["logger"]["class_path"] = "lightning.pytorch.loggers.CSVLoger"
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    expect_one_sentence(e.value.code, "trainer.logger")
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.stem != "quickstart"], ids=lambda p: p.stem)
+def test_hf_config_matches_recipe(recipe):
+    """configs/hf/<recipe>.json builds TrainingArguments and a ZOConfig with the recipe's
+    learning rate, eps, batch size and step count (the HF and Lightning paths start alike)."""
+    import json
+
+    from transformers import TrainingArguments
+
+    from zo_plugins import ZOConfig
+
+    cfg = json.loads((ROOT / "configs" / "hf" / f"{recipe.stem}.json").read_text())
+    rec = yaml.safe_load(recipe.read_text())
+    args = TrainingArguments(**{**cfg["training_args"], "use_cpu": True})
+    zo = ZOConfig(**cfg["zo"])
+    assert args.learning_rate == rec["model"]["lr"]
+    assert args.per_device_train_batch_size == rec["data"]["batch_size"]
+    assert args.max_steps == rec["trainer"]["max_steps"]
+    assert zo.eps == float(rec["trainer"]["strategy"]["init_args"]["eps"])
+    assert cfg["model_name_or_path"] == rec["model"]["model_name_or_path"]
+    assert cfg["peft"] == rec["model"].get("peft")

@@ -1,0 +1,489 @@
+"""Lightning 2.6 integration: ``ZOStrategy``, ``ZODDPStrategy`` and ``ZOLightningCallback``.
+
+An unchanged ``LightningModule`` whose ``training_step`` returns a loss trains with ZO:
+``L.Trainer(strategy=ZOStrategy(eps=1e-3))``.  The strategy is the one place Lightning runs
+the user's ``training_step`` (inside the precision context and, under DDP, the forward
+redirection), so ``ZOMixin`` takes over three methods and no loop is forked:
+
+* ``training_step`` runs the user's ``training_step`` twice per direction under ``no_grad``
+  through ``ZOOptimizer.estimate`` and returns ``leaf.clone()`` as the loss, ``leaf`` a fresh
+  scalar that requires grad.  Lightning divides it by ``accumulate_grad_batches`` and calls
+  ``backward``.
+* ``backward`` keeps the precision plugin's hooks (``on_before_backward`` /
+  ``on_after_backward``) and back-propagates through that scalar only: a hook on ``leaf``
+  receives the factor Lightning would have back-propagated (``1/accumulate_grad_batches``,
+  times the loss scale under ``16-mixed``), and ``factor * g`` is accumulated.  No parameter
+  is in the graph, so no ``.grad`` is ever allocated.
+* ``optimizer_step`` runs Lightning's closure through the precision plugin's
+  ``_wrap_closure`` (so ``on_before_optimizer_step`` and gradient clipping hooks fire),
+  all-reduces the accumulated scalar(s), copies ``lr`` / ``weight_decay`` from the user's
+  optimizer param groups (schedulers from ``configure_optimizers`` apply) and lets the core
+  apply the update.  The user's ``optimizer.step()`` is then called; it finds no ``.grad``
+  and does nothing but keeps ``lr_scheduler`` bookkeeping quiet.  The scheduler is stepped
+  by Lightning afterwards, as usual.
+
+The step index is ``trainer.global_step`` (optimizer steps), so every micro-batch of one
+optimizer step uses the same directions, all ranks agree, and a resumed run continues the
+exact direction sequence.
+
+Logging: what the user's ``training_step`` passes to ``self.log`` during the perturbed calls
+is captured and logged once per micro-batch, with numeric values averaged over the perturbed
+calls (``(f(theta + eps z) + f(theta - eps z)) / 2 = f(theta) + O(eps^2)``).  The strategy
+logs ``projected_grad``, ``loss_plus`` and ``loss_minus`` once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import types
+import typing
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+except ImportError as e:  # pragma: no cover - exercised only without lightning
+    raise ImportError(
+        "zo_plugins.lightning needs Lightning: pip install 'zo-plugins[lightning]' "
+        "(or pip install 'lightning>=2.6')."
+    ) from e
+
+from ..config import ZOConfig
+from ..core.optimizer import ZOEstimate, ZOOptimizer, all_reduce_projected_grads
+
+__all__ = ["ZOMixin", "ZOStrategy", "ZODDPStrategy", "ZOLightningCallback"]
+
+logger = logging.getLogger("zo_plugins")
+
+ZO_CHECKPOINT_KEY = "zo_plugins"
+
+
+def _extract_loss(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and output.get("loss") is not None:
+        return output["loss"]
+    raise RuntimeError(
+        "ZOStrategy: training_step must return the loss as a tensor or a dict with a 'loss' key; "
+        f"it returned {type(output).__name__}."
+    )
+
+
+def _replace_loss(output: Any, loss: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return loss
+    out = dict(output)
+    out["loss"] = loss
+    return out
+
+
+class _LogCapture:
+    """Captures ``LightningModule.log`` calls made during the perturbed ``training_step`` calls
+    and logs each key once afterwards.
+
+    Numeric values (floats, ints, scalar tensors) are averaged over the perturbed calls;
+    anything else (e.g. a torchmetrics ``Metric``) is logged as the last call left it.
+    The instance attribute ``log`` is set only while a call runs and removed afterwards.
+    """
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+        self.calls: list[dict[str, tuple[Any, tuple, dict]]] = []
+
+    @contextmanager
+    def capture(self):
+        record: dict[str, tuple[Any, tuple, dict]] = {}
+        self.calls.append(record)
+
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            record[name] = (value, args, kwargs)
+
+        had = "log" in self.module.__dict__
+        old = self.module.__dict__.get("log")
+        self.module.log = log  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            if had:
+                self.module.log = old  # type: ignore[method-assign]
+            else:
+                del self.module.log
+
+    def replay(self, n_calls: int) -> None:
+        """Log what the last ``n_calls`` calls (the perturbed ones) logged; earlier calls (the
+        core's one-time check of the closure on unperturbed weights) are dropped."""
+        calls = self.calls[-n_calls:] if n_calls else []
+        if not calls:
+            return
+        for name, (_, args, kwargs) in calls[-1].items():
+            values = [c[name][0] for c in calls if name in c]
+            self.module.log(name, _mean_value(values), *args, **kwargs)
+        self.calls.clear()
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.dtype == torch.bool
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _mean_value(values: list[Any]) -> Any:
+    if len(values) > 1 and all(_is_number(v) for v in values):
+        if isinstance(values[-1], torch.Tensor):
+            stacked = torch.stack([torch.as_tensor(v).detach().float().reshape(()) for v in values])
+            return stacked.mean()
+        return sum(float(v) for v in values) / len(values)
+    return values[-1]
+
+
+class ZOMixin:
+    """Turns a Lightning ``Strategy`` into a zeroth-order one (see the module docstring).
+
+    Mixed in front of ``SingleDeviceStrategy`` (``ZOStrategy``) or ``DDPStrategy``
+    (``ZODDPStrategy``); ``ZOLightningCallback`` mixes it into the Trainer's own strategy.
+    """
+
+    zo_config: ZOConfig
+    zo_optimizer: ZOOptimizer | None
+
+    def _zo_init(self, config: ZOConfig, base: type) -> None:
+        # The stock strategy class whose methods this one extends. Called explicitly instead of
+        # super() so ZOLightningCallback can bind these methods onto an existing strategy.
+        self._zo_base = base
+        self.zo_config = config
+        self.zo_optimizer = None
+        self._zo_group_index: list[int] = []
+        self._zo_loaded: dict[str, Any] | None = None
+        self._zo_reset_step()
+
+    def _zo_reset_step(self) -> None:
+        self._zo_acc: list[float] | None = None
+        self._zo_skip = False
+        self._zo_lp: list[float] = []
+        self._zo_lm: list[float] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._zo_base.setup(self, trainer)
+        self.zo_optimizer = None
+        if trainer.state.fn == "fit":
+            self._zo_build(trainer)
+
+    def _zo_build(self, trainer: pl.Trainer) -> None:
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if not module.automatic_optimization:
+            raise ValueError(
+                "ZO strategies need automatic optimization: remove `self.automatic_optimization = False` "
+                "(the strategy runs the forwards and the update), or call zo_plugins.ZOOptimizer yourself."
+            )
+        optimizers = self.optimizers  # type: ignore[attr-defined]
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"ZO strategies need exactly one optimizer from configure_optimizers (got {len(optimizers)}); "
+                "return one optimizer whose param groups hold the trainable parameters."
+            )
+        user_opt = optimizers[0]
+        groups, self._zo_group_index = [], []
+        for i, g in enumerate(user_opt.param_groups):
+            params = [p for p in g["params"] if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)})
+                self._zo_group_index.append(i)
+        if not groups:
+            raise ValueError("ZO strategy: the optimizer holds no trainable parameters (requires_grad=True).")
+        if trainer.gradient_clip_val:
+            logger.warning(
+                "gradient_clip_val=%s has no effect under ZO training: there is no gradient tensor to clip "
+                "(the update is lr * g * z with the scalar g). Remove it or leave it; it is ignored.",
+                trainer.gradient_clip_val,
+            )
+        self.zo_optimizer = ZOOptimizer(groups, lr=groups[0]["lr"], model=module, **self.zo_config.to_dict())
+        if self._zo_loaded is not None:
+            self._zo_load(self._zo_loaded)
+        self._zo_reset_step()
+
+    # ------------------------------------------------------------------ the three overrides
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        opt = self.zo_optimizer
+        if opt is None or not torch.is_grad_enabled():
+            return self._zo_base.training_step(self, *args, **kwargs)
+        module = self.lightning_module  # type: ignore[attr-defined]
+        capture = _LogCapture(module)
+        holder: dict[str, Any] = {}
+
+        def closure() -> Any:
+            holder.pop("out", None)  # drop the previous forward's outputs first
+            with capture.capture():
+                out = self._zo_base.training_step(self, *args, **kwargs)
+            holder["out"] = out
+            if out is None:  # the user skipped this batch
+                return float("nan")
+            return _extract_loss(out)
+
+        est = opt.estimate(closure, step=module.trainer.global_step)
+        capture.replay(est.calls)  # the perturbed calls; not the core's one-time validation call
+        out = holder.get("out")
+        if out is None:
+            return None
+        leaf = torch.tensor(est.loss, dtype=torch.float32, device=self.root_device, requires_grad=True)  # type: ignore[attr-defined]
+        leaf.register_hook(lambda grad, est=est: self._zo_accumulate(float(grad), est))
+        return _replace_loss(out, leaf.clone())
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.zo_optimizer is None:
+            return self._zo_base.backward(self, closure_loss, optimizer, *args, **kwargs)
+        module = self.lightning_module  # type: ignore[attr-defined]
+        self.pre_backward(closure_loss)  # type: ignore[attr-defined]
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)  # type: ignore[attr-defined]
+        # The graph is leaf -> clone -> (/ accumulate_grad_batches) [-> * loss scale]: no parameter
+        # is in it, so this "backward" only delivers the factor to the hook on the leaf.
+        closure_loss.backward()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)  # type: ignore[attr-defined]
+        self.post_backward(closure_loss)  # type: ignore[attr-defined]
+        return closure_loss
+
+    def optimizer_step(
+        self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
+        if self.zo_optimizer is None:
+            return self._zo_base.optimizer_step(self, optimizer, closure, model, **kwargs)
+        model = model or self.lightning_module  # type: ignore[attr-defined]
+        # closure() (last micro-batch: training_step + backward), then on_before_optimizer_step
+        # and the clipping hooks, exactly as the stock precision plugin runs them.
+        result = self.precision_plugin._wrap_closure(model, optimizer, closure)  # type: ignore[attr-defined]
+        self._zo_update(optimizer)
+        optimizer.step()  # no .grad anywhere: a no-op that keeps lr_scheduler bookkeeping quiet
+        return result
+
+    # ------------------------------------------------------------------ accumulation / update
+    def _zo_accumulate(self, factor: float, est: ZOEstimate) -> None:
+        scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
+        if scaler is not None:  # 16-mixed: the loss was multiplied by the loss scale
+            factor /= float(scaler.get_scale())
+        if est.skipped:
+            self._zo_skip = True
+            return
+        if self._zo_acc is None:
+            self._zo_acc = [0.0] * len(est.projected_grads)
+        for i, g in enumerate(est.projected_grads):
+            self._zo_acc[i] += factor * g
+        self._zo_lp.append(factor * est.losses_plus[-1])
+        self._zo_lm.append(factor * est.losses_minus[-1])
+
+    def _zo_update(self, optimizer: Any) -> None:
+        opt = self.zo_optimizer
+        assert opt is not None
+        module = self.lightning_module  # type: ignore[attr-defined]
+        for ours, index in zip(opt.param_groups, self._zo_group_index):
+            src = optimizer.param_groups[index]
+            ours["lr"] = src["lr"]
+            ours["weight_decay"] = src.get("weight_decay", 0.0)
+        step = module.trainer.global_step
+        skip = self._zo_skip or self._zo_acc is None  # None: every training_step returned None
+        grads, skipped = all_reduce_projected_grads(self._zo_acc or [], skip, self.zo_config)
+        lp = sum(self._zo_lp) if self._zo_lp else float("nan")
+        lm = sum(self._zo_lm) if self._zo_lm else float("nan")
+        opt.finish_step(grads, skipped, step=step, loss_plus=lp, loss_minus=lm)
+        self._zo_reset_step()
+        info = opt.last_step
+        metrics = {"zo_skipped_steps": float(opt.skipped_steps)}
+        if not info.skipped:
+            metrics.update(projected_grad=info.projected_grad, loss_plus=lp, loss_minus=lm)
+        self._zo_log(module, metrics)
+
+    def _zo_log(self, module: pl.LightningModule, metrics: dict[str, float]) -> None:
+        if getattr(module, "_trainer", None) is None:
+            return
+        prev = module._current_fx_name
+        module._current_fx_name = "optimizer_step"  # the hook this runs in; log() validates it
+        try:
+            for name, value in metrics.items():
+                if math.isfinite(value):
+                    module.log(name, value, on_step=True, on_epoch=False, batch_size=1)
+        finally:
+            module._current_fx_name = prev
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self.zo_optimizer is not None:
+            checkpoint[ZO_CHECKPOINT_KEY] = {
+                "skipped_steps": self.zo_optimizer.skipped_steps,
+                "config": self.zo_config.to_dict(),
+            }
+        self._zo_base.save_checkpoint(self, checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = self._zo_base.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+        self._zo_loaded = checkpoint.get(ZO_CHECKPOINT_KEY)
+        if self._zo_loaded is not None and self.zo_optimizer is not None:
+            self._zo_load(self._zo_loaded)
+        return checkpoint
+
+    def _zo_load(self, state: dict[str, Any]) -> None:
+        saved = state.get("config", {}).get("seed", self.zo_config.seed)
+        if saved != self.zo_config.seed:
+            raise ValueError(
+                f"This checkpoint was written with ZO seed={saved} but the strategy has seed="
+                f"{self.zo_config.seed}; resume with the same seed to continue the direction sequence."
+            )
+        assert self.zo_optimizer is not None
+        self.zo_optimizer.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def _zo_config(kwargs: dict[str, Any], allow_rest: bool) -> tuple[ZOConfig, dict[str, Any]]:
+    config, rest = ZOConfig.from_kwargs(kwargs)
+    if rest and not allow_rest:
+        raise TypeError(
+            f"ZOStrategy got unknown argument(s) {sorted(rest)}; it takes device, accelerator, "
+            f"checkpoint_io, precision_plugin and the ZOConfig fields {list(ZOConfig.field_names())}."
+        )
+    return config, rest
+
+
+class ZOStrategy(ZOMixin, SingleDeviceStrategy):
+    """Zeroth-order training on one device: ``L.Trainer(strategy=ZOStrategy(eps=1e-3))``.
+
+    Accepts every ``ZOConfig`` field as a keyword (``eps``, ``seed``, ``n_queries``,
+    ``distribution``, ``dropout``, ``perturbation``, ...; ``inspect.signature`` lists them).  ``device`` defaults to the Trainer's (``accelerator=`` / ``devices=``).
+    The learning rate, weight decay and scheduler come from ``configure_optimizers``.
+    """
+
+    strategy_name = "zo"
+
+    def __init__(
+        self,
+        device: str | torch.device | None = None,
+        accelerator: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+        **zo_config_fields: Any,
+    ) -> None:
+        config, _ = _zo_config(zo_config_fields, allow_rest=False)
+        super().__init__(
+            device="cpu" if device is None else device,
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._device_given = device is not None
+        self._zo_init(config, SingleDeviceStrategy)
+
+    # The Trainer's accelerator connector hands `parallel_devices` to strategies that have
+    # the attribute: that is how the device comes from `Trainer(accelerator=, devices=)`.
+    @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        return [self._root_device] if self._device_given else None
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if not devices:
+            return
+        if len(devices) != 1:
+            raise ValueError(
+                f"ZOStrategy runs on one device but the Trainer asks for {len(devices)} "
+                f"({[str(d) for d in devices]}); use zo_plugins.lightning.ZODDPStrategy for several."
+            )
+        self._root_device = torch.device(devices[0])
+        self._device_given = True
+
+
+def _with_zo_signature(cls: type, base_init: Callable[..., Any], keep_var_keyword: bool) -> type:
+    """Expose every ``ZOConfig`` field as a keyword-only parameter of ``cls.__init__`` so
+    ``inspect.signature`` (and LightningCLI / jsonargparse YAML) sees them, while the code
+    takes them through ``**zo_config_fields`` and never falls behind ``ZOConfig``."""
+    import dataclasses
+
+    sig = inspect.signature(base_init)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    var_kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(ZOConfig)
+    zo = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in dataclasses.fields(ZOConfig)
+    ]
+    tail = var_kw if keep_var_keyword else []
+    cls.__init__.__signature__ = sig.replace(parameters=params + zo + tail)  # type: ignore[attr-defined]
+    return cls
+
+
+_with_zo_signature(ZOStrategy, ZOStrategy.__init__, keep_var_keyword=False)
+
+
+class ZODDPStrategy(ZOMixin, DDPStrategy):
+    """Zeroth-order data-parallel training: ``L.Trainer(strategy=ZODDPStrategy(eps=1e-3),
+    devices=N)``.  DDP stays in place but idle (the forwards run under ``no_grad``, so no
+    gradient bucket fires); one all-reduce of ``n_queries + 1`` float64 values per optimizer
+    step averages the projected gradient, and every rank applies the same update.
+
+    Takes every ``ZOConfig`` field and every ``DDPStrategy`` argument as keywords.
+    """
+
+    strategy_name = "zo_ddp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        config, rest = _zo_config(kwargs, allow_rest=True)
+        super().__init__(**rest)
+        self._zo_init(config, DDPStrategy)
+
+
+_with_zo_signature(ZODDPStrategy, DDPStrategy.__init__, keep_var_keyword=True)
+
+
+_EQUIPPABLE = (SingleDeviceStrategy, DDPStrategy)
+
+
+class ZOLightningCallback(Callback):
+    """ZO with ``strategy="auto"``, ``"single_device"`` or ``"ddp"``:
+    ``L.Trainer(callbacks=[ZOLightningCallback(eps=1e-3)])``.
+
+    At ``setup`` the ``ZOMixin`` methods are bound onto the Trainer's own strategy instance
+    (its class is left alone); ``teardown`` removes them again.  Strategies other than the
+    single-device and DDP families (FSDP, DeepSpeed, ...) are refused with a sentence that
+    names them.  Equivalent to ``ZOStrategy`` / ``ZODDPStrategy`` bit for bit (tested).
+    """
+
+    def __init__(self, **zo_config_fields: Any) -> None:
+        self.config = ZOConfig(**zo_config_fields)
+        self._bound: list[str] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, ZOMixin):
+            raise ValueError(
+                f"ZOLightningCallback and the ZO strategy {type(strategy).__name__} were both given; "
+                "use one of them."
+            )
+        if not isinstance(strategy, _EQUIPPABLE):
+            raise ValueError(
+                f"ZOLightningCallback works with the single-device and DDP strategies, not "
+                f"{type(strategy).__name__}; use strategy='auto' or 'ddp'."
+            )
+        if stage != "fit" or self._bound:
+            return
+        for name, fn in vars(ZOMixin).items():
+            if inspect.isfunction(fn):
+                setattr(strategy, name, types.MethodType(fn, strategy))
+                self._bound.append(name)
+        strategy._zo_init(self.config, type(strategy))  # type: ignore[attr-defined]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        for name in self._bound:
+            strategy.__dict__.pop(name, None)
+        self._bound = []
+        strategy.__dict__.pop("zo_optimizer", None)
+
+
+StrategyRegistry.register(
+    "zo", ZOStrategy, description="Zeroth-order (MeZO) training on one device", override=True
+)
+StrategyRegistry.register(
+    "zo_ddp", ZODDPStrategy, description="Zeroth-order (MeZO) data-parallel training", override=True
+)
