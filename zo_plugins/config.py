@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .core.noise import DISTRIBUTIONS, GAUSSIAN_BLOCK
+from .kernels.backend import BACKENDS
 
 __all__ = [
     "ZOConfig",
@@ -133,6 +134,14 @@ class ZOConfig:
         "drift 20-150x a MeZO update). 'auto': in-place for float32/float64 tensors (inference "
         "memory; restore within an ulp), out-of-place for bf16/fp16 tensors (exact).",
     )
+    backend: str = _help(
+        "auto",
+        "Where the passes run: 'auto' (Triton kernels on CUDA when triton imports, PyTorch "
+        "otherwise), 'triton' (raises with the pip install line if triton is missing), or "
+        "'torch'. Rademacher runs are bit-identical across backends; the Triton Gaussian stream "
+        "is Philox + Box-Muller (docs/triton.md). Stateful update rules and sparsity masks run "
+        "on the PyTorch passes.",
+    )
     stochastic_rounding: bool = _help(
         True,
         "Round updates of bf16/fp16 weights stochastically (unbiased), so updates smaller "
@@ -211,6 +220,7 @@ class ZOConfig:
             )
         _check_choice("dropout", self.dropout, DROPOUT_MODES)
         _check_choice("perturbation", self.perturbation, PERTURBATION_MODES)
+        _check_choice("backend", self.backend, BACKENDS)
         for name in ("stochastic_rounding", "all_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ZOConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")

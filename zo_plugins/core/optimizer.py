@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -148,6 +148,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.model = model
         self._specs = self._build_specs(model)
         self._mode = self._resolve_mode()
+        self.backend, self._passes = self._resolve_backend()
         self._pending: list[tuple[int, float]] = []  # terms that restore in-place weights
         self._step = 0
         self.skipped_steps = 0
@@ -241,6 +242,31 @@ class ZOOptimizer(torch.optim.Optimizer):
     def specs(self) -> list[ParamSpec]:
         return [s for g in self._specs for s in g]
 
+    def _resolve_backend(self) -> tuple[str, _Passes]:
+        from ..kernels.backend import resolve_backend
+
+        devices = {s.param.device for s in self.specs()}
+        name = resolve_backend(self.config.backend, next(iter(devices)))
+        if name == "triton":
+            fp64 = [s.name for s in self.specs() if s.param.dtype == torch.float64]
+            if fp64 and self.config.backend == "triton":
+                raise ValueError(
+                    f"backend='triton' has no float64 kernels ({fp64[0]!r} is float64): use backend='torch'."
+                )
+            if fp64 or len(devices) > 1:
+                name = "torch"
+        if name == "triton":
+            from ..kernels import passes as tk
+
+            return name, _Passes(tk.triton_perturb_, tk.triton_perturbed_copy, tk.triton_update_)
+        return name, _Passes(perturb_, perturbed_copy, update_)
+
+    def _passes_for_step(self) -> _Passes:
+        """The backend's passes; sparsity masks (callables) run on the PyTorch passes."""
+        if self.config.sparsity and self.backend != "torch":
+            return _Passes(perturb_, perturbed_copy, update_)
+        return self._passes
+
     def active_specs(self) -> list[ParamSpec]:
         """The tensors this step perturbs and updates (all of them unless ``block_wise``)."""
         return self._active
@@ -283,7 +309,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._trajectory is not None:
             self._traj_shifts.append([[self._query_of(seed), coeff] for seed, coeff in terms])
         if todo:
-            perturb_(
+            self._passes_for_step().perturb(
                 [s for s in self.active_specs() if s.in_place],
                 todo,
                 distribution=self.config.distribution,
@@ -316,7 +342,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not oop:
             yield
         else:
-            with _OutOfPlace(self.model, oop, terms, self.config):
+            with _OutOfPlace(self.model, oop, terms, self.config, copy=self._passes_for_step().copy):
                 yield
 
     @contextmanager
@@ -741,7 +767,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "version": VERSION,
             "library_version": __version__,
             "torch_version": torch.__version__,
-            "backend": "torch",
+            "backend": self.backend,
             "base_hash": weights_hash((s.name, s.param) for s in self.specs()),
             "config": cfg,
             "groups": [[s.name for s in g] for g in self._specs],
@@ -843,6 +869,14 @@ def all_reduce_projected_grads(
     return [v / world for v in buf[:-1].tolist()], False
 
 
+class _Passes(NamedTuple):
+    """One backend's passes, all with the keyword-only signatures of ``core.passes``."""
+
+    perturb: Callable[..., None]
+    copy: Callable[..., torch.Tensor]
+    update: Callable[..., None]
+
+
 class _RngState:
     """CPU and CUDA RNG states saved before the first forward and restored before each
     later one, so every forward of a step sees the same dropout masks."""
@@ -873,9 +907,16 @@ class _OutOfPlace:
     """
 
     def __init__(
-        self, model: nn.Module, specs: list[ParamSpec], terms, config: ZOConfig, *, dual: bool = False
+        self,
+        model: nn.Module,
+        specs: list[ParamSpec],
+        terms,
+        config: ZOConfig,
+        *,
+        dual: bool = False,
+        copy: Callable[..., torch.Tensor] = perturbed_copy,
     ) -> None:
-        self.model, self.terms, self.config, self.dual = model, terms, config, dual
+        self.model, self.terms, self.config, self.dual, self.copy = model, terms, config, dual, copy
         by_id = {id(s.param): s for s in specs}
         self.owners: dict[nn.Module, list[tuple[str, ParamSpec]]] = {}
         for mod in model.modules():
@@ -902,7 +943,7 @@ class _OutOfPlace:
                 z = direction_tensor(spec, self.terms, self.config)
                 mod._parameters[attr] = fwAD.make_dual(spec.param.detach(), z.to(spec.param.dtype))
             else:
-                mod._parameters[attr] = perturbed_copy(
+                mod._parameters[attr] = self.copy(
                     spec, self.terms, distribution=self.config.distribution, chunk_size=self.config.chunk_size
                 )
             self.visited.add(id(spec.param))
@@ -939,12 +980,12 @@ class _OutOfPlace:
                 )
 
 
-def direction_tensor(spec: ParamSpec, terms, config: ZOConfig) -> torch.Tensor:
+def direction_tensor(spec: ParamSpec, terms, config: ZOConfig, copy=perturbed_copy) -> torch.Tensor:
     """``sum(coeff * z(seed))`` for the whole of ``spec`` as a float32 tensor (frozen rows and
     masked elements zero)."""
     zeros = torch.zeros(spec.param.shape, dtype=torch.float32, device=spec.param.device)
     probe = ParamSpec(zeros, spec.name, spec.key, spec.frozen_rows, mask=spec.mask)
-    return perturbed_copy(probe, terms, distribution=config.distribution, chunk_size=config.chunk_size)
+    return copy(probe, terms, distribution=config.distribution, chunk_size=config.chunk_size)
 
 
 def materialize_direction(
@@ -956,4 +997,6 @@ def materialize_direction(
     spec = next((s for s in opt.specs() if s.param is param), None)
     if spec is None:
         raise ValueError("That tensor is not one of the optimizer's parameters.")
-    return direction_tensor(spec, [(opt.seeds_for(step)[query], 1.0)], opt.config)
+    return direction_tensor(
+        spec, [(opt.seeds_for(step)[query], 1.0)], opt.config, opt._passes_for_step().copy
+    )

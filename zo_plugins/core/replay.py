@@ -38,10 +38,9 @@ def replay(
             "the direction stream may differ. Pass allow_version_mismatch=True (zo-replay "
             "--allow-version-mismatch) to replay anyway."
         )
-    if header.get("backend") != "torch":
-        raise TrajectoryError(
-            f"{log} was written by the {header.get('backend')!r} backend; replay uses 'torch'."
-        )
+    backend = header.get("backend")
+    if backend not in ("torch", "triton"):
+        raise TrajectoryError(f"{log} was written by an unknown backend {backend!r}.")
     named = dict(model.named_parameters())
     groups: list[dict[str, Any]] = []
     for names in header["groups"]:
@@ -52,7 +51,8 @@ def replay(
                 "architecture (and the same PEFT adapter config) the run used."
             )
         groups.append({"params": [named[n] for n in names]})
-    opt = ZOOptimizer(groups, lr=0.0, model=model, **header["config"])
+    config = dict(header["config"], backend=backend)  # replay on the backend that trained
+    opt = ZOOptimizer(groups, lr=0.0, model=model, **config)
     got = weights_hash((s.name, s.param) for s in opt.specs())
     if got != header["base_hash"]:
         raise TrajectoryError(

@@ -1,0 +1,77 @@
+"""ZOOptimizer on the Triton backend (CPU interpreter): the same weights as the PyTorch
+backend for Rademacher runs, exact restore, and trajectory replay on the backend that trained."""
+
+import pytest
+import torch
+from torch import nn
+
+from zo_plugins import ZOOptimizer, replay
+
+pytest.importorskip("triton", reason="the Triton backend needs triton: pip install 'zo-plugins[triton]'")
+
+
+def params_snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_bit_identical(a, b):
+    bad = [
+        n
+        for n in a
+        if not torch.equal(a[n].reshape(-1).view(torch.uint8), b[n].reshape(-1).view(torch.uint8))
+    ]
+    assert not bad, f"{len(bad)} tensors differ bitwise: {bad[:3]}"
+
+
+def make(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(17, 8, padding_idx=0), nn.Linear(8, 3)).to(dtype)
+
+
+IDS = torch.randint(0, 17, (4, 5), generator=torch.Generator().manual_seed(1))
+
+
+def run(backend, dtype=torch.float32, steps=3, **kw):
+    model = make(dtype)
+    opt = ZOOptimizer(model, lr=1e-2, eps=1e-2, weight_decay=0.1, backend=backend, **kw)
+    assert opt.backend == backend
+    for _ in range(steps):
+        opt.step(lambda: model(IDS).float().pow(2).mean())
+    opt.close()
+    return model
+
+
+@pytest.mark.parametrize(
+    "dtype,kw",
+    [
+        (torch.float32, {"perturbation": "in-place"}),
+        (torch.float32, {"perturbation": "out-of-place"}),
+        (torch.bfloat16, {"stochastic_rounding": False}),
+    ],
+)
+def test_triton_and_torch_backends_give_the_same_bits_for_rademacher(dtype, kw):
+    a = run("triton", dtype, distribution="rademacher", **kw)
+    b = run("torch", dtype, distribution="rademacher", **kw)
+    assert_bit_identical(params_snapshot(a), params_snapshot(b))
+    assert not torch.equal(a[1].weight, make(dtype)[1].weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_lr_zero_out_of_place_is_exact(dtype):
+    model = make(dtype)
+    before = params_snapshot(model)
+    opt = ZOOptimizer(model, lr=0.0, backend="triton", perturbation="out-of-place")
+    opt.step(lambda: model(IDS).float().pow(2).mean())
+    assert_bit_identical(before, params_snapshot(model))
+
+
+def test_triton_gaussian_run_replays_on_triton(tmp_path):
+    log = tmp_path / "t.zot"
+    trained = run("triton", trajectory_path=str(log))
+    replayed = replay(make(), log)
+    assert_bit_identical(params_snapshot(trained), params_snapshot(replayed))
+
+
+def test_triton_refuses_float64():
+    with pytest.raises(ValueError, match="float64"):
+        ZOOptimizer(make(torch.float64), lr=1e-3, backend="triton")
