@@ -63,7 +63,7 @@ def test_forward_grad_is_the_exact_directional_derivative(quad, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_cge_estimates_coordinates_and_updates_only_them(quad, dtype):
-    model, loss_fn = quad
+    model, _ = quad
     model = model.to(dtype)
     x = torch.randn(24, 6, dtype=torch.float64).to(dtype)
 
