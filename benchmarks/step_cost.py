@@ -47,12 +47,26 @@ def _build(name: str):
         model, _ = load_smollm2()
         return model
     if name == "opt-125m":
-        cfg = tf.OPTConfig(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12,
-                           word_embed_proj_dim=768, vocab_size=50272, max_position_embeddings=2048)
+        cfg = tf.OPTConfig(
+            hidden_size=768,
+            num_hidden_layers=12,
+            ffn_dim=3072,
+            num_attention_heads=12,
+            word_embed_proj_dim=768,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+        )
     elif name == "opt-350m":
-        cfg = tf.OPTConfig(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
-                           word_embed_proj_dim=512, vocab_size=50272, max_position_embeddings=2048,
-                           do_layer_norm_before=False)
+        cfg = tf.OPTConfig(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            ffn_dim=4096,
+            num_attention_heads=16,
+            word_embed_proj_dim=512,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            do_layer_norm_before=False,
+        )
     else:
         raise SystemExit(f"unknown model {name!r}; choose from {MODELS}")
     cfg.dropout = cfg.attention_dropout = 0.0
@@ -98,6 +112,7 @@ def child(model_name: str, mode: str, batch: int, seq: int, repeats: int, thread
         return model(**inputs).loss
 
     if mode == "forward":
+
         def step():
             with torch.no_grad():
                 loss()
@@ -162,8 +177,21 @@ def child(model_name: str, mode: str, batch: int, seq: int, repeats: int, thread
 
 # ---------------------------------------------------------------------------------- parent
 def run_mode(args, model: str, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", model, mode, "--batch", str(args.batch), "--seq", str(args.seq),
-           "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        model,
+        mode,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if out.returncode:
         raise SystemExit(f"{model}/{mode} failed:\n{out.stderr[-4000:]}")
@@ -176,11 +204,15 @@ def ratios(res: dict[str, dict]) -> dict[str, float]:
         "zo_step / 2 forwards (gaussian, out-of-place)": zo["step_s"] / (2 * fwd["step_s"]),
         "zo_step / 2 forwards (gaussian, in-place)": res["zo-inplace"]["step_s"] / (2 * fwd["step_s"]),
         "zo_step / 2 forwards (rademacher, in-place)": res["zo-rademacher"]["step_s"] / (2 * fwd["step_s"]),
-        "zo peak growth / inference peak growth (out-of-place)": zo["peak_growth_mib"] / fwd["peak_growth_mib"],
-        "zo peak growth / inference peak growth (in-place)": res["zo-inplace"]["peak_growth_mib"] / fwd["peak_growth_mib"],
-        "adamw peak growth / zo peak growth (in-place)": res["adamw"]["peak_growth_mib"] / res["zo-inplace"]["peak_growth_mib"],
+        "zo peak growth / inference peak growth (out-of-place)": zo["peak_growth_mib"]
+        / fwd["peak_growth_mib"],
+        "zo peak growth / inference peak growth (in-place)": res["zo-inplace"]["peak_growth_mib"]
+        / fwd["peak_growth_mib"],
+        "adamw peak growth / zo peak growth (in-place)": res["adamw"]["peak_growth_mib"]
+        / res["zo-inplace"]["peak_growth_mib"],
         "naive MeZO step / our step (gaussian, out-of-place)": res["naive-mezo"]["step_s"] / zo["step_s"],
-        "naive MeZO step / our step (gaussian, in-place)": res["naive-mezo"]["step_s"] / res["zo-inplace"]["step_s"],
+        "naive MeZO step / our step (gaussian, in-place)": res["naive-mezo"]["step_s"]
+        / res["zo-inplace"]["step_s"],
     }
     return r
 
@@ -201,10 +233,19 @@ def main() -> None:
         return
 
     report = {
-        "machine": {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version()},
+        "machine": {
+            "host": socket.gethostname(),
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d"),
-        "batch": args.batch, "seq": args.seq, "repeats": args.repeats, "modes": MODES, "results": {},
+        "batch": args.batch,
+        "seq": args.seq,
+        "repeats": args.repeats,
+        "modes": MODES,
+        "results": {},
     }
     import torch
 
@@ -214,8 +255,10 @@ def main() -> None:
         for mode in args.modes:
             res[mode] = run_mode(args, model, mode)
             r = res[mode]
-            print(f"{model:14s} {mode:14s} step {r['step_s']:7.3f} s   peak growth {r['peak_growth_mib']:8.1f} MiB",
-                  flush=True)
+            print(
+                f"{model:14s} {mode:14s} step {r['step_s']:7.3f} s   peak growth {r['peak_growth_mib']:8.1f} MiB",
+                flush=True,
+            )
         entry = {"runs": res}
         if set(MODES) <= set(res):
             entry["ratios"] = ratios(res)
