@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import tiny_hf_model  # noqa: E402
+from zo_testing import tiny_hf_model  # noqa: E402
 
 MODE, OUT_DIR = sys.argv[1], sys.argv[2]
 STEPS = 4

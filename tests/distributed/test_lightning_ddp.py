@@ -45,7 +45,7 @@ def test_lightning_ddp_two_processes(tmp_path, mode):
         assert {"projected_grad", "loss_plus", "loss_minus", "train_loss"} <= set(r["logged"])
     # each rank saw its own shard, so the all-reduce had something to average
     assert a["local_grads"] != b["local_grads"]
-    from conftest import tiny_hf_model
+    from zo_testing import tiny_hf_model
 
     init = dict(tiny_hf_model("opt", dropout=0.1).named_parameters())
     assert any(not torch.equal(init[n].detach(), p) for n, p in a["params"].items())

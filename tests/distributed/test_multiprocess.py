@@ -63,7 +63,7 @@ def test_torchrun_two_processes(tmp_path, mode):
     ranks = launch(torchrun_cmd(mode, tmp_path), tmp_path)
     check(ranks)
     # and the weights did move
-    from conftest import tiny_hf_model
+    from zo_testing import tiny_hf_model
 
     init = dict(tiny_hf_model("opt", dropout=0.1).named_parameters())
     assert any(not torch.equal(init[n].detach(), p) for n, p in ranks[0]["params"].items())

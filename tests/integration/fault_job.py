@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from conftest import VOCAB, tiny_hf_model  # noqa: E402
+from zo_testing import VOCAB, tiny_hf_model  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("mode", choices=["hf", "plain"])

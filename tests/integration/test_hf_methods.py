@@ -3,8 +3,8 @@ Trainer through ZOCallback unchanged, and its trajectory replays to the same bit
 
 import pytest
 import torch
-from conftest import args_for, assert_bit_identical, lm_dataset, params_snapshot, tiny_hf_model
 from transformers import Trainer
+from zo_testing import args_for, assert_bit_identical, lm_dataset, params_snapshot, tiny_hf_model
 
 from zo_plugins import ZOCallback, replay
 

@@ -3,7 +3,7 @@ classification) equal autograd's directional derivative in float64."""
 
 import pytest
 import torch
-from conftest import tiny_batch, tiny_hf_model
+from zo_testing import tiny_batch, tiny_hf_model
 
 from zo_plugins import ZOOptimizer
 from zo_plugins.core.optimizer import materialize_direction

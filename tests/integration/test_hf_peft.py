@@ -4,9 +4,9 @@ replay from the trajectory log."""
 
 import pytest
 import torch
-from conftest import args_for, lm_dataset, params_snapshot, tiny_hf_model
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import Trainer
+from zo_testing import args_for, lm_dataset, params_snapshot, tiny_hf_model
 
 from zo_plugins import ZOCallback, ZOOptimizer, replay
 from zo_plugins.core.optimizer import materialize_direction

@@ -3,8 +3,8 @@ lr/decay, logs, evaluation with the real forward, the fallback for what a callba
 
 import pytest
 import torch
-from conftest import VOCAB, args_for, assert_bit_identical, lm_dataset, params_snapshot, tiny_hf_model
 from transformers import Trainer, TrainerCallback
+from zo_testing import VOCAB, args_for, assert_bit_identical, lm_dataset, params_snapshot, tiny_hf_model
 
 from zo_plugins import ZOCallback, ZOTrainer
 from zo_plugins.core.optimizer import materialize_direction

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bit_identical, params_snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from zo_testing import assert_bit_identical, params_snapshot
 
 L = pytest.importorskip("lightning.pytorch")
 

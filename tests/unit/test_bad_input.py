@@ -3,8 +3,8 @@ fix, raised before any weight changes."""
 
 import pytest
 import torch
-from conftest import assert_bit_identical, params_snapshot
 from torch import nn
+from zo_testing import assert_bit_identical, params_snapshot
 
 from zo_plugins import ZOConfig, ZOOptimizer
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bit_identical, params_snapshot, tiny_batch, tiny_hf_model
 from torch import nn
+from zo_testing import assert_bit_identical, params_snapshot, tiny_batch, tiny_hf_model
 
 from zo_plugins import ZOOptimizer
 from zo_plugins.core.optimizer import materialize_direction

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import assert_bit_identical, max_ulp_diff, params_snapshot
 from torch import nn
+from zo_testing import assert_bit_identical, max_ulp_diff, params_snapshot
 
 from zo_plugins import ZOOptimizer
 from zo_plugins.core import passes

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import assert_bit_identical, params_snapshot
 from torch import nn
+from zo_testing import assert_bit_identical, params_snapshot
 
 from zo_plugins import TrajectoryError, ZOOptimizer, read_trajectory, replay
 
