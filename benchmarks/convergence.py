@@ -1,0 +1,191 @@
+"""Convergence of the ZO method family at a fixed budget of forward passes.
+
+Task: the embedded default (SmolLM2-135M-Instruct + Rotten Tomatoes, prompt classification as
+in ``examples/rotten_tomatoes.py``, whose data and model code this script imports). Every
+variant trains the same trainable set from the same weights on the same batches with a plain
+``ZOOptimizer`` loop, and is evaluated on the same held-out split every ``budget/checkpoints``
+forward passes. A forward pass is one closure call (SPSA: 2 per direction; forward
+difference: n_queries + 1; ZO-RankSGD: n_queries; forward-grad: 1, at ~2-3x the cost).
+
+    python benchmarks/convergence.py --trainable lora --budget 600
+    python benchmarks/convergence.py --variants mezo zo-adam --budget 200 --n-eval 200
+
+Writes ``benchmarks/results/convergence-<trainable>.json``, a table on stdout and, when
+matplotlib is installed, ``docs/img/convergence-<trainable>.png`` (accuracy and loss vs forward
+passes). The summary says, for each variant, after how many forward passes it first reached
+the accuracy plain MeZO (ZO-SGD, SPSA, one direction) reached at the full budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# name -> (ZOConfig fields, lr multiplier relative to --lr)
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "mezo": ({}, 1.0),
+    "mezo-rademacher": ({"distribution": "rademacher"}, 1.0),
+    "forward": ({"estimator": "forward", "n_queries": 2}, 1.0),
+    "spsa-q4": ({"n_queries": 4}, 1.0),
+    "rank-q4": ({"estimator": "rank", "n_queries": 4}, 1.0),
+    "momentum": ({"optimizer": "zo-sgd-momentum", "momentum": 0.9}, 0.1),
+    "sign": ({"optimizer": "zo-sgd-sign"}, 0.1),
+    "conservative": ({"optimizer": "zo-sgd-conservative"}, 1.0),
+    "zo-adam": ({"optimizer": "zo-adam"}, 0.1),
+    "sparse-random-0.5": ({"sparsity": 0.5, "sparsity_mode": "random"}, 1.0),
+    "sparse-magnitude-0.5": ({"sparsity": 0.5, "sparsity_mode": "magnitude"}, 1.0),
+}
+
+
+def forwards_per_step(cfg: dict) -> int:
+    q = cfg.get("n_queries", 1)
+    est = cfg.get("estimator", "spsa")
+    extra = 1 if cfg.get("optimizer") == "zo-sgd-conservative" else 0
+    return {"spsa": 2 * q, "forward": q + 1, "rank": q, "forward-grad": q}[est] + extra
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("rt_example", ROOT / "examples" / "rotten_tomatoes.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["rt_example"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_variant(ex, name, args, base_state, data) -> dict:
+    from zo_plugins import ZOOptimizer
+
+    cfg, lr_mult = VARIANTS[name]
+    tok, label_ids, train_ds, eval_ds, collate = data
+    model, _ = ex.load_model_and_tokenizer(args.cache_dir)
+    model = ex.select_trainable(model, args.trainable, args.lora_rank)
+    model.load_state_dict(base_state)
+    model.train()
+    opt = ZOOptimizer(model, lr=args.lr * lr_mult, eps=args.eps, seed=args.seed, **cfg)
+    per_step = forwards_per_step(cfg)
+    steps = args.budget // per_step
+    every = max(1, args.budget // args.checkpoints)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train_ds), generator=g).tolist()
+    curve = [{"forwards": 0, **ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)}]
+    model.train()
+    t0, used, next_eval = time.perf_counter(), 0, every
+    for step in range(steps):
+        idx = [order[(step * args.batch_size + i) % len(order)] for i in range(args.batch_size)]
+        batch = collate([train_ds[i] for i in idx])
+        opt.step(lambda: model(**batch).loss)
+        used += per_step
+        if used >= next_eval or step == steps - 1:
+            curve.append({"forwards": used, **ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)})
+            model.train()
+            next_eval += every
+            print(f"  {name:22s} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  loss {curve[-1]['loss']:.4f}", flush=True)
+    return {"config": cfg, "lr": args.lr * lr_mult, "forwards_per_step": per_step, "steps": steps,
+            "train_time_s": time.perf_counter() - t0, "curve": curve}
+
+
+def summarize(results: dict) -> dict:
+    if "mezo" not in results:
+        return {}
+    target = results["mezo"]["curve"][-1]["accuracy"]
+    budget = results["mezo"]["curve"][-1]["forwards"]
+    out = {"mezo_final_accuracy": target, "mezo_budget_forwards": budget, "variants": {}}
+    for name, r in results.items():
+        hit = next((c["forwards"] for c in r["curve"] if c["forwards"] > 0 and c["accuracy"] >= target), None)
+        out["variants"][name] = {
+            "final_accuracy": r["curve"][-1]["accuracy"],
+            "forwards_to_mezo_accuracy": hit,
+            "fraction_of_mezo_budget": None if hit is None else hit / budget,
+        }
+    return out
+
+
+def plot(results: dict, path: pathlib.Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        xs = [c["forwards"] for c in r["curve"]]
+        axes[0].plot(xs, [c["accuracy"] for c in r["curve"]], marker="o", label=name)
+        axes[1].plot(xs, [c["loss"] for c in r["curve"]], marker="o", label=name)
+    axes[0].set(xlabel="forward passes", ylabel="held-out accuracy")
+    axes[1].set(xlabel="forward passes", ylabel="held-out loss")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--trainable", default="lora", choices=["lora", "full", "norms", "final-norm"])
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--budget", type=int, default=600, help="forward passes per variant")
+    ap.add_argument("--checkpoints", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 (lora), 1e-6 (full), 3e-3 (norms)")
+    ap.add_argument("--eps", type=float, default=None, help="default: 1e-2 (lora/norms), 1e-3 (full)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--eval-batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
+    ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = {"lora": (1e-4, 1e-2), "full": (1e-6, 1e-3), "norms": (3e-3, 1e-2), "final-norm": (3e-3, 1e-2)}
+    args.lr = args.lr if args.lr is not None else defaults[args.trainable][0]
+    args.eps = args.eps if args.eps is not None else defaults[args.trainable][1]
+
+    ex = load_example()
+    args.cache_dir = args.cache_dir or ex.DEFAULT_CACHE
+    torch.manual_seed(args.seed)
+    model, tok = ex.load_model_and_tokenizer(args.cache_dir)
+    label_ids = ex.label_token_ids(tok)
+    splits = ex.load_splits(args.n_eval, None, args.seed)
+    data = (tok, label_ids, ex.PromptDataset(splits.train, tok, label_ids, args.max_length),
+            ex.PromptDataset(splits.eval, tok, label_ids, args.max_length), ex.make_collator(tok.pad_token_id))
+    torch.manual_seed(args.seed)  # the same adapter initialisation for every variant
+    base_state = {k: v.clone() for k, v in ex.select_trainable(model, args.trainable, args.lora_rank).state_dict().items()}
+    del model
+
+    results = {}
+    for name in args.variants:
+        print(f"{name}: {VARIANTS[name][0]}", flush=True)
+        results[name] = run_variant(ex, name, args, base_state, data)
+    summary = summarize(results)
+    report = {"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable, "budget": args.budget,
+              "lr": args.lr, "eps": args.eps, "batch_size": args.batch_size, "n_eval": args.n_eval,
+              "threads": torch.get_num_threads(), "results": results, "summary": summary}
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"convergence-{args.trainable}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\n{'variant':22s} {'final acc':>9s} {'fwd to MeZO acc':>16s} {'fraction':>9s}")
+    for name, v in summary.get("variants", {}).items():
+        frac = "-" if v["fraction_of_mezo_budget"] is None else f"{v['fraction_of_mezo_budget']:.2f}"
+        hit = "-" if v["forwards_to_mezo_accuracy"] is None else str(v["forwards_to_mezo_accuracy"])
+        print(f"{name:22s} {v['final_accuracy']:9.3f} {hit:>16s} {frac:>9s}")
+    if plot(results, ROOT / "docs" / "img" / f"convergence-{args.trainable}.png"):
+        print(f"plot: docs/img/convergence-{args.trainable}.png")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
