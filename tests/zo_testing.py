@@ -154,3 +154,36 @@ def args_for(tmp_path, **kw):
     from transformers import TrainingArguments
 
     return TrainingArguments(**base)
+
+
+def install_comm_counters() -> dict:
+    """Instrument this process for the multi-process tests: count the Python-level
+    all-reduces (the ZO scalar) with their sizes and local values, and, through a DDP comm
+    hook, every gradient bucket DDP would all-reduce.  Returns the live counters."""
+    import torch.distributed as dist
+
+    counters = {"scalar_all_reduces": 0, "scalar_numel": 0, "ddp_bucket_all_reduces": 0, "local_grads": []}
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        counters["scalar_all_reduces"] += 1
+        counters["scalar_numel"] += tensor.numel()
+        counters["local_grads"].append(tensor.tolist())  # this rank's values before the reduction
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
+
+    def init(self, *args, **kwargs):
+        ddp_init(self, *args, **kwargs)
+
+        def hook(state, bucket):
+            counters["ddp_bucket_all_reduces"] += 1
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        self.register_comm_hook(None, hook)
+
+    torch.nn.parallel.DistributedDataParallel.__init__ = init
+    return counters

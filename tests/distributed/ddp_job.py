@@ -10,39 +10,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from zo_testing import tiny_hf_model  # noqa: E402
+from zo_testing import install_comm_counters, tiny_hf_model  # noqa: E402
 
 MODE, OUT_DIR = sys.argv[1], sys.argv[2]
 STEPS = 4
-counters = {"scalar_all_reduces": 0, "scalar_numel": 0, "ddp_bucket_all_reduces": 0}
 
-_all_reduce = dist.all_reduce
-
-
-def counting_all_reduce(tensor, *args, **kwargs):
-    counters["scalar_all_reduces"] += 1
-    counters["scalar_numel"] += tensor.numel()
-    return _all_reduce(tensor, *args, **kwargs)
-
-
-dist.all_reduce = counting_all_reduce
-
-_ddp_init = torch.nn.parallel.DistributedDataParallel.__init__
-
-
-def ddp_init(self, *args, **kwargs):  # count every gradient bucket DDP would all-reduce
-    _ddp_init(self, *args, **kwargs)
-
-    def hook(state, bucket):
-        counters["ddp_bucket_all_reduces"] += 1
-        fut = torch.futures.Future()
-        fut.set_result(bucket.buffer())
-        return fut
-
-    self.register_comm_hook(None, hook)
-
-
-torch.nn.parallel.DistributedDataParallel.__init__ = ddp_init
+counters = install_comm_counters()
 
 
 def dataset(n=64, length=12):
