@@ -232,3 +232,17 @@ def test_hf_config_matches_recipe(recipe):
     assert zo.eps == float(rec["trainer"]["strategy"]["init_args"]["eps"])
     assert cfg["model_name_or_path"] == rec["model"]["model_name_or_path"]
     assert cfg["peft"] == rec["model"].get("peft")
+
+
+def test_error_typo_in_a_recipe_key(tiny, tmp_path, capsys):
+    """A typo'd key in the YAML is refused with an error naming it, before any training."""
+    cfg = run_config(tiny, tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["trainer"]["max_step"] = doc["trainer"].pop("max_steps")
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "max_step" in err, err
+    assert not list(tmp_path.rglob("*.ckpt")), "nothing may be trained"
