@@ -296,3 +296,28 @@ def test_every_rule_is_finite_on_a_real_model():
             opt.step(lambda: model(**batch).loss)
         assert all(torch.isfinite(p).all() for p in model.parameters()), optimizer
         assert math.isfinite(opt.last_step.loss_plus)
+
+
+def test_user_mask_limits_perturbation_and_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    x = torch.randn(8, 6)
+    before = params_snapshot(model)
+
+    def first_row_only(name, param, step):
+        if name != "0.weight":
+            return None
+        m = torch.zeros_like(param, dtype=torch.bool)
+        m[0] = True
+        return m
+
+    opt = ZOOptimizer(model, lr=1e-1, mask_fn=first_row_only)
+    for _ in range(3):
+        opt.step(lambda: model(x).pow(2).mean())
+    w = model[0].weight
+    assert not torch.equal(w[0], before["0.weight"][0])
+    assert torch.equal(w[1:], before["0.weight"][1:]), "masked-out rows keep their bits"
+    assert not torch.equal(model[2].weight, before["2.weight"]), "None means dense"
+    bad = ZOOptimizer(model, lr=1e-1, mask_fn=lambda n, p, s: torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        bad.step(lambda: model(x).pow(2).mean())

@@ -110,6 +110,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         ranking_oracle: for ``estimator='rank'``: a callable receiving the closure's outputs
             for the ``n_queries`` candidates and returning their indices best first (a human,
             a reward model); by default candidates are ranked by the closure's scalar.
+        mask_fn: a user sparsity mask: ``mask_fn(name, param, step)`` returns a bool tensor
+            of ``param``'s shape (True = perturbed and updated) or None for dense; called
+            once per step.  With in-place perturbation it must not depend on the weights'
+            values (they are perturbed between passes).
         **zo_config_fields: any other ``ZOConfig`` field (``n_queries``, ``distribution``,
             ``dropout``, ``perturbation``, ...).
     """
@@ -124,6 +128,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         *,
         model: nn.Module | None = None,
         ranking_oracle: Callable[[list[Any]], Sequence[int]] | None = None,
+        mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None = None,
         **zo_config_fields: Any,
     ) -> None:
         unknown = set(zo_config_fields) - set(ZOConfig.field_names())
@@ -160,6 +165,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._history: list[list[tuple[int, float]]] = []  # stateless momentum: recent terms
         self.rejected_steps = 0  # zo-sgd-conservative: updates not taken
         self.ranking_oracle = ranking_oracle
+        self.mask_fn = mask_fn
         self._blocks = self._build_blocks()
         self._active: list[ParamSpec] = self.specs()
         self.last_step = ZOStepInfo()
@@ -753,6 +759,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._active = self._blocks[b]
         for spec in self.specs():
             spec.mask = sparsity_mask(spec, cfg, step) if cfg.sparsity else None
+            if self.mask_fn is not None:
+                spec.mask = _user_mask(self.mask_fn, spec, step, spec.mask)
         if self._trajectory is None and self.config.trajectory_path:
             self._trajectory = TrajectoryWriter(self.config.trajectory_path, self.trajectory_header(), step)
 
@@ -867,6 +875,24 @@ def all_reduce_projected_grads(
     if buf[-1].item() > 0:
         return [], True
     return [v / world for v in buf[:-1].tolist()], False
+
+
+def _user_mask(fn, spec: ParamSpec, step: int, inner):
+    m = fn(spec.name, spec.param, step)
+    if m is None:
+        return inner
+    if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or m.shape != spec.param.shape:
+        raise ValueError(
+            f"mask_fn must return a bool tensor of shape {tuple(spec.param.shape)} (or None) for "
+            f"{spec.name!r}; got {type(m).__name__} {getattr(m, 'dtype', '')} {tuple(getattr(m, 'shape', ()))}."
+        )
+    flat = m.to(spec.param.device).reshape(-1)
+
+    def mask(start: int, n: int) -> torch.Tensor:
+        own = flat[start : start + n]
+        return own if inner is None else own & inner(start, n)
+
+    return mask
 
 
 class _Passes(NamedTuple):
