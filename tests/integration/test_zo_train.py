@@ -246,3 +246,22 @@ def test_error_typo_in_a_recipe_key(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "max_step" in err, err
     assert not list(tmp_path.rglob("*.ckpt")), "nothing may be trained"
+
+
+def test_trainable_patterns_freeze_the_rest(tiny, tmp_path):
+    cfg = run_config(tiny, tmp_path, trainable=["model.norm.weight"])
+    main(["fit", "--config", str(cfg)])
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    state = torch.load(ckpt, weights_only=False, map_location="cpu")["state_dict"]
+    import transformers as tf
+
+    base = tf.LlamaForCausalLM.from_pretrained(tiny["model"]).state_dict()
+    changed = {
+        k.removeprefix("model.")
+        for k, v in state.items()
+        if not torch.equal(v, base[k.removeprefix("model.")])
+    }
+    assert changed == {"model.norm.weight"}, changed
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg), "--model.trainable", '["no.such.*"]'])
+    expect_one_sentence(e.value.code, "matches no parameter")

@@ -117,6 +117,9 @@ class HFTaskModule(pl.LightningModule):
         max_length: truncation length in tokens (the text is truncated, the template kept).
         lr: learning rate (the ZO-SGD step); ``weight_decay``: L2 decay.
         lr_schedule: ``constant`` (MeZO) or ``linear`` decay to 0 over ``trainer.max_steps``.
+        trainable: train only the parameters whose names match one of these ``fnmatch``
+            patterns (e.g. ``["model.norm.weight"]``, ``["*layernorm*"]``); the rest is frozen.
+            Default: every parameter (or the PEFT adapter's).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class HFTaskModule(pl.LightningModule):
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         lr_schedule: Literal["constant", "linear"] = "constant",
+        trainable: list[str] | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -155,6 +159,15 @@ class HFTaskModule(pl.LightningModule):
             self.label_ids = self._label_token_ids(label_words or [])
         if peft:
             self.model = _apply_peft(self.model, peft, task)
+        if trainable:
+            import fnmatch
+
+            chosen = 0
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in trainable))
+                chosen += p.requires_grad
+            if not chosen:
+                raise ConfigError(f"trainable={trainable!r} matches no parameter name of the model.")
         self._preds: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
 
@@ -302,7 +315,7 @@ class HFTaskModule(pl.LightningModule):
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}] if decay else []
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         opt = torch.optim.SGD(groups, lr=self.lr)
