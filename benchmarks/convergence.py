@@ -124,7 +124,7 @@ def plot(results: dict, path: pathlib.Path) -> bool:
         axes[0].plot(xs, [c["accuracy"] for c in r["curve"]], marker="o", label=name)
         axes[1].plot(xs, [c["loss"] for c in r["curve"]], marker="o", label=name)
     axes[0].set(xlabel="forward passes", ylabel="held-out accuracy")
-    axes[1].set(xlabel="forward passes", ylabel="held-out loss")
+    axes[1].set(xlabel="forward passes", ylabel="held-out LM loss of the label word (full vocabulary)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
