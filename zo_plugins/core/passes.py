@@ -215,16 +215,31 @@ def update_(
             if terms:
                 d, scale = chunks.direction_sum(spec, terms, start, n, cdt)
                 x.add_(d, alpha=scale)
-            if direct:
-                continue
-            for s in frozen:
-                x[s] = cur[s].to(cdt)
-            if keep is not None:
-                x = torch.where(keep, cur.to(cdt), x)
-            if half and round_seed is not None:
-                stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=flat.numel())
-            else:
-                cur.copy_(x)
+            if not direct:
+                store_chunk_(spec, cur, x, start=start, keep=keep, round_seed=round_seed)
+
+
+def store_chunk_(
+    spec: ParamSpec,
+    cur: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    start: int,
+    keep: torch.Tensor | None,
+    round_seed: int | None,
+) -> None:
+    """Write the updated chunk ``x`` (compute dtype) into ``cur``, the chunk of ``spec`` at
+    ``start``: frozen rows and elements where ``keep`` is True keep their bits; bf16/fp16
+    round stochastically when ``round_seed`` is given, to nearest even otherwise."""
+    n = cur.numel()
+    for s in _frozen_slices(spec, start, n):
+        x[s] = cur[s].to(x.dtype)
+    if keep is not None:
+        x = torch.where(keep, cur.to(x.dtype), x)
+    if cur.dtype in HALF_DTYPES and round_seed is not None:
+        stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=spec.param.numel())
+    else:
+        cur.copy_(x)
 
 
 def _uniform(buf: torch.Tensor, gen: torch.Generator) -> None:

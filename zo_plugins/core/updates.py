@@ -17,16 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .passes import (
-    HALF_DTYPES,
-    ParamSpec,
-    Term,
-    _Chunks,
-    _compute_dtype,
-    _flat,
-    _frozen_slices,
-    stochastic_round_,
-)
+from .passes import ParamSpec, Term, _Chunks, _compute_dtype, _flat, store_chunk_
 
 __all__ = ["RULES", "STATE_BYTES_PER_PARAM", "rule_update_"]
 
@@ -80,7 +71,6 @@ def rule_update_(
     chunks = _Chunks(chunk_size, distribution)
     flat = _flat(spec.param)
     cdt = _compute_dtype(flat)
-    half = flat.dtype in HALF_DTYPES
     r_coef: dict[int, float] = {}
     g_coef: dict[int, float] = {}
     for s, c in restore:
@@ -117,11 +107,4 @@ def rule_update_(
             if weight_decay:
                 x.mul_(1 - lr * weight_decay)
             x.add_(step_dir, alpha=-lr)
-            for s in _frozen_slices(spec, start, n):
-                x[s] = cur[s].to(cdt)
-            if keep is not None:
-                x = torch.where(keep, cur.to(cdt), x)
-            if half and round_seed is not None:
-                stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=flat.numel())
-            else:
-                cur.copy_(x)
+            store_chunk_(spec, cur, x, start=start, keep=keep, round_seed=round_seed)
