@@ -316,12 +316,22 @@ class ZOMixin:
             checkpoint[ZO_CHECKPOINT_KEY] = {
                 "skipped_steps": self.zo_optimizer.skipped_steps,
                 "config": self.zo_config.to_dict(),
+                # Lightning does not checkpoint the global RNG: keep it so dropout masks
+                # after a resume are the ones the uninterrupted run draws
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             }
         self._zo_base.save_checkpoint(self, checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = self._zo_base.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
         self._zo_loaded = checkpoint.get(ZO_CHECKPOINT_KEY)
+        if self._zo_loaded is not None and self._zo_loaded.get("rng_cpu") is not None:
+            # continue the saved RNG stream from here, before the loop draws from it again
+            # (a new epoch's DataLoader iterator draws its base seed, as it did in the run)
+            torch.set_rng_state(self._zo_loaded["rng_cpu"])
+            if self._zo_loaded.get("rng_cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._zo_loaded["rng_cuda"])
         if self._zo_loaded is not None and self.zo_optimizer is not None:
             self._zo_load(self._zo_loaded)
         return checkpoint
