@@ -77,3 +77,7 @@ torch.save(
     },
     os.path.join(OUT_DIR, f"rank{rank}.pt"),
 )
+# Leave the process group cleanly: tearing gloo down in interpreter-exit destructors can
+# abort ("terminate called without an active exception").
+dist.barrier()
+dist.destroy_process_group()
