@@ -277,7 +277,6 @@ def test_block_wise_cycle_updates_one_layer_per_step():
     batch = tiny_batch("opt")
     opt = ZOOptimizer(model, lr=1e-2, block_wise="cycle", perturbation="out-of-place")
     blocks = [[s.name for s in b] for b in opt._blocks]
-    assert ["model.decoder.layers.0" in n for n in blocks[2]].count(True) == len(blocks[2]) or True
     assert any(all(n.startswith("model.decoder.layers.1.") for n in b) for b in blocks)
     for t in range(len(blocks)):
         before = params_snapshot(model)
