@@ -30,7 +30,8 @@ def launch(cmd: list[str], out: Path) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-def check(ranks: list[dict]) -> None:
+def check(ranks: list[dict], steps: int = STEPS) -> None:
+    """Both ranks bit-identical, no .grad, DDP buckets idle, one ZO all-reduce per step."""
     a, b = ranks
     assert a["world"] == b["world"] == 2
     for name in a["params"]:
@@ -39,11 +40,11 @@ def check(ranks: list[dict]) -> None:
         assert r["grads"] == [], "no parameter .grad may be allocated"
         assert r["ddp_bucket_all_reduces"] == 0, "DDP gradient buckets must stay idle"
         # one all-reduce of (n_queries + 1) float64 values per optimizer step
-        assert r["scalar_all_reduces"] == STEPS
-        assert r["scalar_numel"] == STEPS * 2
+        assert r["scalar_all_reduces"] == steps
+        assert r["scalar_numel"] == steps * 2
 
 
-def torchrun_cmd(mode: str, out: Path) -> list[str]:
+def torchrun_cmd(mode: str, out: Path, job: Path = JOB) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -52,7 +53,7 @@ def torchrun_cmd(mode: str, out: Path) -> list[str]:
         "2",
         "--master_port",
         str(free_port()),
-        str(JOB),
+        str(job),
         mode,
         str(out),
     ]
