@@ -35,6 +35,7 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     "mezo": ({}, 1.0),
     "mezo-rademacher": ({"distribution": "rademacher"}, 1.0),
     "forward": ({"estimator": "forward", "n_queries": 2}, 1.0),
+    "forward-grad": ({"estimator": "forward-grad"}, 1.0),
     "spsa-q4": ({"n_queries": 4}, 1.0),
     "rank-q4": ({"estimator": "rank", "n_queries": 4}, 1.0),
     "momentum": ({"optimizer": "zo-sgd-momentum", "momentum": 0.9}, 0.1),
@@ -43,6 +44,7 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     "zo-adam": ({"optimizer": "zo-adam"}, 0.3),
     "sparse-random-0.5": ({"sparsity": 0.5, "sparsity_mode": "random"}, 1.0),
     "sparse-magnitude-0.5": ({"sparsity": 0.5, "sparsity_mode": "magnitude"}, 1.0),
+    "sparse-magnitude-0.75": ({"sparsity": 0.75, "sparsity_mode": "magnitude"}, 1.0),
 }
 
 
@@ -94,12 +96,117 @@ def run_variant(ex, name, args, base_state, data) -> dict:
             "train_time_s": time.perf_counter() - t0, "curve": curve}
 
 
-def summarize(results: dict) -> dict:
+# ----------------------------------------------------------------------------- final-norm, exact and fast
+class FinalNormHead(torch.nn.Module):
+    """What a final-norm-only run trains, applied to cached inputs: ``lm_head(norm(h))`` with
+    ``h`` the final norm's input at the answer position.  With every weight but the final
+    norm's frozen, ``h`` never changes, and the norm (per position) and the head read only that
+    position's ``h``: the objective and the evaluation are the full model's, to float rounding,
+    at ~1/1000 of the cost of a forward.  The ZO optimizer sees one trainable tensor
+    (``norm.weight``, 576 elements), as it does on the full model."""
+
+    def __init__(self, model):
+        super().__init__()
+        import copy
+
+        self.norm = copy.deepcopy(model.model.norm)
+        self.lm_head = copy.deepcopy(model.lm_head)
+        self.norm.weight.requires_grad_(True)
+        self.lm_head.weight.requires_grad_(False)
+
+    def forward(self, h, rows=None):
+        w = self.lm_head.weight if rows is None else self.lm_head.weight[rows]
+        return torch.nn.functional.linear(self.norm(h), w)
+
+
+@torch.no_grad()
+def cache_answer_states(model, dataset, collate, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, class label, label-word token) for every example: ``h`` is the final norm's input at
+    the answer position (second to last, where the collator left-pads to)."""
+    got = []
+    hook = model.model.norm.register_forward_pre_hook(lambda m, a: got.append(a[0][:, -2, :].detach().clone()))
+    ys, words = [], []
+    try:
+        model.eval()
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            model(**batch)
+            ys.append(torch.tensor([dataset.items[i][1] for i in range(start, start + len(batch["input_ids"]))]))
+            words.append(batch["labels"][:, 1])
+    finally:
+        hook.remove()
+    return torch.cat(got), torch.cat(ys), torch.cat(words)
+
+
+def run_variant_cached(name, args, base_head, cache, seed) -> dict:
+    import copy
+
+    from zo_plugins import ZOOptimizer
+
+    cfg, lr_mult = VARIANTS[name]
+    (h_tr, y_tr, _), (h_ev, y_ev, w_ev), label_ids = cache
+    head = copy.deepcopy(base_head)
+    opt = ZOOptimizer(head, lr=args.lr * lr_mult, eps=args.eps, seed=seed, **cfg)
+    rows = torch.tensor(label_ids)
+
+    @torch.no_grad()
+    def evaluate():
+        logits = head(h_ev)
+        pred = logits[:, rows].argmax(-1)
+        loss = torch.nn.functional.cross_entropy(logits.float(), w_ev)  # the label word, full vocabulary
+        return {"accuracy": float((pred == y_ev).float().mean()), "loss": float(loss),
+                "predicted_positive": float(pred.float().mean()), "n": len(y_ev)}
+
+    per_step = forwards_per_step(cfg)
+    steps = args.budget // per_step
+    every = max(1, args.budget // args.checkpoints)
+    order = torch.randperm(len(h_tr), generator=torch.Generator().manual_seed(seed))
+    curve = [{"forwards": 0, **evaluate()}]
+    t0, used, next_eval = time.perf_counter(), 0, every
+    for step in range(steps):
+        idx = order[torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(order)]
+        h, y = h_tr[idx], y_tr[idx]
+        # the demo's loss: cross-entropy over the two label words' logits
+        opt.step(lambda: torch.nn.functional.cross_entropy(head(h, rows).float(), y))
+        used += per_step
+        if used >= next_eval or step == steps - 1:
+            curve.append({"forwards": used, **evaluate()})
+            next_eval += every
+    return {"config": cfg, "lr": args.lr * lr_mult, "forwards_per_step": per_step, "steps": steps,
+            "train_time_s": time.perf_counter() - t0, "curve": curve}
+
+
+def mean_curves(per_seed: list[dict]) -> dict:
+    """Average each variant's curve over seeds (same checkpoints in every seed)."""
+    out = {}
+    for name in per_seed[0]:
+        runs = [r[name] for r in per_seed]
+        curve = []
+        for points in zip(*(r["curve"] for r in runs)):
+            c = {"forwards": points[0]["forwards"]}
+            for k in ("accuracy", "loss", "predicted_positive"):
+                c[k] = sum(p[k] for p in points) / len(points)
+            c["accuracy_min"] = min(p["accuracy"] for p in points)
+            c["accuracy_max"] = max(p["accuracy"] for p in points)
+            c["n"] = points[0]["n"]
+            curve.append(c)
+        out[name] = {**{k: v for k, v in runs[0].items() if k != "curve"}, "seeds": len(runs),
+                     "train_time_s": sum(r["train_time_s"] for r in runs), "curve": curve}
+    return out
+
+
+def summarize(results: dict, n_eval: int) -> dict:
     if "mezo" not in results:
         return {}
+    start = results["mezo"]["curve"][0]["accuracy"]
     target = results["mezo"]["curve"][-1]["accuracy"]
     budget = results["mezo"]["curve"][-1]["forwards"]
-    out = {"mezo_final_accuracy": target, "mezo_budget_forwards": budget, "variants": {}}
+    # binomial standard error of one accuracy on n_eval examples: MeZO's gain over the zero-shot
+    # start means something only when it is well above the evaluation noise
+    se = (max(start * (1 - start), 1e-12) / n_eval) ** 0.5
+    out = {"start_accuracy": start, "mezo_final_accuracy": target, "mezo_budget_forwards": budget,
+           "accuracy_standard_error": se, "mezo_gain_in_standard_errors": (target - start) / se,
+           "variants": {}}
     for name, r in results.items():
         hit = next((c["forwards"] for c in r["curve"] if c["forwards"] > 0 and c["accuracy"] >= target), None)
         out["variants"][name] = {
@@ -146,9 +253,15 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cached", action="store_true",
+                    help="final-norm only: train lm_head(norm(h)) on cached answer-position states "
+                         "(exact for this trainable set, ~1000x faster); allows --seeds and big budgets")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--cached: average over these seeds")
+    ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
     ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--plot-dir", type=pathlib.Path, default=ROOT / "docs" / "img")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,29 +278,73 @@ def main() -> None:
     data = (tok, label_ids, ex.PromptDataset(splits.train, tok, label_ids, args.max_length),
             ex.PromptDataset(splits.eval, tok, label_ids, args.max_length), ex.make_collator(tok.pad_token_id))
     torch.manual_seed(args.seed)  # the same adapter initialisation for every variant
-    base_state = {k: v.clone() for k, v in ex.select_trainable(model, args.trainable, args.lora_rank).state_dict().items()}
-    del model
+    model = ex.select_trainable(model, args.trainable, args.lora_rank)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     results = {}
-    for name in args.variants:
-        print(f"{name}: {VARIANTS[name][0]}", flush=True)
-        results[name] = run_variant(ex, name, args, base_state, data)
-    summary = summarize(results)
+    if args.cached:
+        if args.trainable != "final-norm":
+            raise SystemExit(f"--cached is exact for --trainable final-norm only, not {args.trainable!r}.")
+        t0 = time.perf_counter()
+        pool = ex.PromptDataset(splits.train[: args.train_pool], tok, label_ids, args.max_length)
+        cache = (cache_answer_states(model, pool, data[4], args.eval_batch_size),
+                 cache_answer_states(model, data[3], data[4], args.eval_batch_size), label_ids)
+        print(f"cached {len(pool)} training and {len(data[3])} evaluation states in {time.perf_counter() - t0:.0f} s")
+        base_head = FinalNormHead(model)
+        # the cached path must evaluate exactly what the full model evaluates
+        full = ex.evaluate(model, data[3], data[4], label_ids, args.eval_batch_size)
+        h_ev, y_ev, w_ev = cache[1]
+        with torch.no_grad():
+            logits = base_head(h_ev)
+        acc = float((logits[:, label_ids].argmax(-1) == y_ev).float().mean())
+        loss = float(torch.nn.functional.cross_entropy(logits, w_ev))
+        if abs(acc - full["accuracy"]) > 1.5 / len(y_ev) or abs(loss - full["loss"]) > 1e-3 * max(1.0, full["loss"]):
+            raise SystemExit(f"cached evaluation {acc:.4f}/{loss:.5f} != full model {full['accuracy']:.4f}/{full['loss']:.5f}")
+        print(f"cached evaluation equals the full model's: accuracy {acc:.4f} ({full['accuracy']:.4f}), "
+              f"loss {loss:.5f} ({full['loss']:.5f})")
+        per_seed = []
+        for seed in args.seeds or [args.seed]:
+            per_seed.append({})
+            for name in args.variants:
+                r = per_seed[-1][name] = run_variant_cached(name, args, base_head, cache, seed)
+                print(f"  seed {seed} {name:22s} acc {r['curve'][0]['accuracy']:.3f} -> {r['curve'][-1]['accuracy']:.3f}", flush=True)
+        results = mean_curves(per_seed)
+    else:
+        del model
+        for name in args.variants:
+            print(f"{name}: {VARIANTS[name][0]}", flush=True)
+            results[name] = run_variant(ex, name, args, base_state, data)
+            write_report(args, results, len(data[3]), final=False)
+    write_report(args, results, len(data[3]), final=True)
+
+
+def write_report(args, results: dict, n_eval: int, final: bool) -> None:
+    """Write the JSON (after every variant, so a long run that is stopped keeps what it did);
+    at the end also the table and the plot."""
+    summary = summarize(results, n_eval)
     report = {"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable, "budget": args.budget,
+              "cached": args.cached, "seeds": args.seeds or [args.seed],
+              "train_pool": args.train_pool if args.cached else None,
               "lr": args.lr, "eps": args.eps, "batch_size": args.batch_size, "n_eval": args.n_eval,
-              "threads": torch.get_num_threads(), "results": results, "summary": summary}
+              "threads": torch.get_num_threads(), "complete": final, "results": results, "summary": summary}
     args.output.mkdir(parents=True, exist_ok=True)
-    out = args.output / f"convergence-{args.trainable}.json"
+    tag = f"{args.trainable}{'-cached' if args.cached else ''}"
+    out = args.output / f"convergence-{tag}.json"
     out.write_text(json.dumps(report, indent=2))
+    if not final:
+        return
     print(f"\n{'variant':22s} {'final acc':>9s} {'fwd to MeZO acc':>16s} {'fraction':>9s}")
     for name, v in summary.get("variants", {}).items():
         frac = "-" if v["fraction_of_mezo_budget"] is None else f"{v['fraction_of_mezo_budget']:.2f}"
         hit = "-" if v["forwards_to_mezo_accuracy"] is None else str(v["forwards_to_mezo_accuracy"])
         print(f"{name:22s} {v['final_accuracy']:9.3f} {hit:>16s} {frac:>9s}")
-    if plot(results, ROOT / "docs" / "img" / f"convergence-{args.trainable}.png"):
-        print(f"plot: docs/img/convergence-{args.trainable}.png")
+    if summary:
+        print(f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
+              f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)")
+    png = args.plot_dir / f"convergence-{tag}.png"
+    if plot(results, png):
+        print(f"plot: {png}")
     print(f"wrote {out}")
-
 
 if __name__ == "__main__":
     main()

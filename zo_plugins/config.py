@@ -18,6 +18,7 @@ __all__ = [
     "OPTIMIZERS",
     "SPARSITY_MODES",
     "BLOCK_WISE",
+    "GAUSSIAN_STREAMS",
 ]
 
 DROPOUT_MODES = ("same-masks", "eval")
@@ -26,6 +27,7 @@ ESTIMATORS = ("spsa", "forward", "forward-grad", "cge", "rank")
 OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-conservative", "zo-adam")
 SPARSITY_MODES = ("magnitude", "random")
 BLOCK_WISE = ("cycle", "random")
+GAUSSIAN_STREAMS = ("auto", "philox", "native")
 
 
 def _help(default: Any, text: str) -> Any:
@@ -138,9 +140,18 @@ class ZOConfig:
         "auto",
         "Where the passes run: 'auto' (Triton kernels on CUDA when triton imports, PyTorch "
         "otherwise), 'triton' (raises with the pip install line if triton is missing), or "
-        "'torch'. Rademacher runs are bit-identical across backends; the Triton Gaussian stream "
-        "is Philox + Box-Muller (docs/triton.md). Stateful update rules and sparsity masks run "
-        "on the PyTorch passes.",
+        "'torch'. Every update rule runs in the fused kernels; user masks and random sparsity "
+        "masks run on the PyTorch passes.",
+    )
+    gaussian_stream: str = _help(
+        "auto",
+        "Which Gaussian stream 'gaussian' directions draw from. 'philox': Philox-4x32 + "
+        "Box-Muller from (seed, tensor, element), the same stream on the Triton kernels and the "
+        "PyTorch passes, on every device (up to last-ulp differences of log/cos); in PyTorch ops "
+        "it costs ~10x a native normal_ on CPU. 'native': blocks of 65536 normals from the "
+        "device's own generator (fast on CPU, but CPU and CUDA streams differ and the Triton "
+        "kernels cannot draw it). 'auto': 'philox' with the Triton backend or CUDA tensors, "
+        "'native' on CPU with the PyTorch backend.",
     )
     stochastic_rounding: bool = _help(
         True,
@@ -221,6 +232,13 @@ class ZOConfig:
         _check_choice("dropout", self.dropout, DROPOUT_MODES)
         _check_choice("perturbation", self.perturbation, PERTURBATION_MODES)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("gaussian_stream", self.gaussian_stream, GAUSSIAN_STREAMS)
+        if self.gaussian_stream == "native" and self.backend == "triton":
+            raise ValueError(
+                "gaussian_stream='native' is the PyTorch generator's stream, which the Triton "
+                "kernels cannot draw: use gaussian_stream='philox' (or 'auto') with backend='triton', "
+                "or backend='torch'."
+            )
         for name in ("stochastic_rounding", "all_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ZOConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")

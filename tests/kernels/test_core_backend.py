@@ -75,3 +75,48 @@ def test_triton_gaussian_run_replays_on_triton(tmp_path):
 def test_triton_refuses_float64():
     with pytest.raises(ValueError, match="float64"):
         ZOOptimizer(make(torch.float64), lr=1e-3, backend="triton")
+
+
+@pytest.mark.parametrize("optimizer", ["zo-sgd-sign", "zo-sgd-momentum", "zo-adam"])
+def test_stateful_rules_on_triton_match_the_torch_backend(optimizer):
+    # sign and momentum bit for bit; Adam within an ulp of its step (PyTorch's vectorised CPU
+    # sqrt is not correctly rounded, the kernel's is)
+    a = run("triton", distribution="rademacher", optimizer=optimizer, perturbation="in-place")
+    b = run("torch", distribution="rademacher", optimizer=optimizer, perturbation="in-place")
+    if optimizer == "zo-adam":
+        for (n, x), y in zip(params_snapshot(a).items(), params_snapshot(b).values()):
+            assert torch.allclose(x, y, rtol=2**-22, atol=1e-2 * 2**-22), n
+    else:
+        assert_bit_identical(params_snapshot(a), params_snapshot(b))
+    assert not torch.equal(a[1].weight, make()[1].weight)
+
+
+def test_gaussian_runs_agree_across_backends_on_the_philox_stream():
+    a = run("triton", perturbation="in-place", gaussian_stream="philox")
+    b = run("torch", perturbation="in-place", gaussian_stream="philox")
+    start = params_snapshot(make())
+    for (n, x), y in zip(params_snapshot(a).items(), params_snapshot(b).values()):
+        # directions agree to <= 8 float32 ulps; three steps of lr 1e-2 * g * z on weights ~0.3
+        assert torch.allclose(x, y, rtol=1e-6, atol=1e-6), (n, (x - y).abs().max())
+        assert (x != start[n]).float().mean() > 0.9, n  # both moved (padding row aside)
+
+
+def test_triton_backend_refuses_the_native_gaussian_stream():
+    with pytest.raises(ValueError, match="gaussian_stream='native'"):
+        ZOOptimizer(make(), lr=1e-3, backend="triton", gaussian_stream="native")
+
+
+def test_stateful_rule_state_stays_float32_through_a_checkpoint_for_bf16_weights():
+    model = make(torch.bfloat16)
+    opt = ZOOptimizer(model, lr=1e-2, backend="triton", optimizer="zo-adam", distribution="rademacher")
+    opt.step(lambda: model(IDS).float().pow(2).mean())
+    sd = opt.state_dict()
+    model2 = make(torch.bfloat16)
+    model2.load_state_dict(model.state_dict())
+    opt2 = ZOOptimizer(model2, lr=1e-2, backend="triton", optimizer="zo-adam", distribution="rademacher")
+    opt2.load_state_dict(sd)
+    for st in opt2.state.values():
+        assert st["exp_avg"].dtype == torch.float32 and st["exp_avg_sq"].dtype == torch.float32
+    opt.step(lambda: model(IDS).float().pow(2).mean())
+    opt2.step(lambda: model2(IDS).float().pow(2).mean())
+    assert_bit_identical(params_snapshot(model), params_snapshot(model2))

@@ -31,6 +31,8 @@ __all__ = [
     "GAUSSIAN_BLOCK",
     "PHILOX_BITS",
     "DISTRIBUTIONS",
+    "PHILOX_GAUSSIAN",
+    "STREAMS",
     "mix64",
     "step_seed",
     "tensor_key",
@@ -45,6 +47,11 @@ GAUSSIAN_BLOCK = 1 << 16
 PHILOX_BITS = 128
 """Directions produced by one Philox-4x32 call (4 x 32 bits)."""
 DISTRIBUTIONS = ("gaussian", "rademacher")
+PHILOX_GAUSSIAN = "gaussian-philox"
+"""The stream name the passes take for the Philox/Box-Muller Gaussian (``ZOConfig.gaussian_stream
+= 'philox'``): the Triton kernels' Gaussian, generated here in PyTorch ops."""
+STREAMS = ("gaussian", PHILOX_GAUSSIAN, "rademacher")
+"""What the passes' ``distribution=`` argument accepts: 'gaussian' is the native-block stream."""
 
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -182,12 +189,17 @@ def fill_direction_(
 ) -> torch.Tensor:
     """Write the direction elements ``[offset, offset + out.numel())`` of the tensor with key
     ``key`` and ``numel`` elements (default: the request ends the tensor) at step seed
-    ``seed`` into the 1-D float32 buffer ``out``; returns ``out``."""
+    ``seed`` into the 1-D float32 buffer ``out``; returns ``out``.  ``distribution`` is a
+    stream of ``STREAMS``: 'gaussian' (native blocks), 'gaussian-philox' or 'rademacher'."""
     numel = offset + out.numel() if numel is None else numel
     if distribution == "rademacher":
         _rademacher_(out, mix64(seed, key), offset)
     elif distribution == "gaussian":
         native_blocks_(out, seed=mix64(seed, key), offset=offset, numel=numel, draw=_normal)
+    elif distribution == PHILOX_GAUSSIAN:
+        from ..kernels.reference import fill_philox_gaussian_  # torch ops only; no Triton import
+
+        fill_philox_gaussian_(out, seed=seed, key=key, offset=offset)
     else:
-        raise ValueError(f"distribution={distribution!r} is not one of {DISTRIBUTIONS}.")
+        raise ValueError(f"distribution={distribution!r} is not one of {STREAMS}.")
     return out

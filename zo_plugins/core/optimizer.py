@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import ZOConfig
-from .noise import mix64, step_seed, tensor_key
+from .noise import PHILOX_GAUSSIAN, mix64, step_seed, tensor_key
 from .passes import HALF_DTYPES, ParamSpec, _frozen_slices, perturb_, perturbed_copy, update_
 from .sparsity import sparsity_mask
 from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
@@ -154,6 +154,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._specs = self._build_specs(model)
         self._mode = self._resolve_mode()
         self.backend, self._passes = self._resolve_backend()
+        self.stream = self._resolve_stream()
         self._pending: list[tuple[int, float]] = []  # terms that restore in-place weights
         self._step = 0
         self.skipped_steps = 0
@@ -263,14 +264,37 @@ class ZOOptimizer(torch.optim.Optimizer):
                 name = "torch"
         if name == "triton":
             from ..kernels import passes as tk
+            from ..kernels.rules import triton_rule_update_foreach_
 
-            return name, _Passes(tk.triton_perturb_, tk.triton_perturbed_copy, tk.triton_update_)
-        return name, _Passes(perturb_, perturbed_copy, update_)
+            return name, _Passes(
+                tk.triton_perturb_,
+                tk.triton_perturbed_copy,
+                tk.triton_update_,
+                tk.triton_update_foreach_,
+                triton_rule_update_foreach_,
+            )
+        return name, _TORCH_PASSES
+
+    def _resolve_stream(self) -> str:
+        """The stream name the passes draw directions from (``core.noise.STREAMS``)."""
+        cfg = self.config
+        if cfg.distribution == "rademacher":
+            return "rademacher"
+        choice = cfg.gaussian_stream
+        if choice == "auto":
+            cuda = any(s.param.is_cuda for s in self.specs())
+            choice = "philox" if self.backend == "triton" or cuda else "native"
+        if choice == "native" and self.backend == "triton":
+            raise ValueError(
+                "gaussian_stream='native' cannot run on the Triton backend (the kernels draw the "
+                "Philox stream): use gaussian_stream='philox' or 'auto', or backend='torch'."
+            )
+        return PHILOX_GAUSSIAN if choice == "philox" else "gaussian"
 
     def _passes_for_step(self) -> _Passes:
         """The backend's passes; sparsity masks (callables) run on the PyTorch passes."""
         if self.config.sparsity and self.backend != "torch":
-            return _Passes(perturb_, perturbed_copy, update_)
+            return _TORCH_PASSES
         return self._passes
 
     def active_specs(self) -> list[ParamSpec]:
@@ -318,7 +342,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._passes_for_step().perturb(
                 [s for s in self.active_specs() if s.in_place],
                 todo,
-                distribution=self.config.distribution,
+                distribution=self.stream,
                 chunk_size=self.config.chunk_size,
             )
         self._pending = [(s, -c) for s, c in terms]
@@ -348,7 +372,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not oop:
             yield
         else:
-            with _OutOfPlace(self.model, oop, terms, self.config, copy=self._passes_for_step().copy):
+            with _OutOfPlace(self.model, oop, terms, self.config, self.stream, copy=self._passes_for_step().copy):
                 yield
 
     @contextmanager
@@ -481,7 +505,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             with (
                 fwAD.dual_level(),
                 sdpa_kernel(SDPBackend.MATH),
-                _OutOfPlace(self.model, self.active_specs(), [(seed, 1.0)], self.config, dual=True),
+                _OutOfPlace(self.model, self.active_specs(), [(seed, 1.0)], self.config, self.stream, dual=True),
             ):
                 if rng is not None:
                     rng.restore()
@@ -597,49 +621,52 @@ class ZOOptimizer(torch.optim.Optimizer):
         if cfg.optimizer == "zo-sgd-momentum" and cfg.momentum_history == 0:
             rule = "momentum"
         active = {id(sp) for sp in self.active_specs()}
+        passes = self._passes_for_step()
+        groups = []
         for group, gspecs in zip(self.param_groups, self._specs):
             lr, wd = float(group["lr"]), float(group["weight_decay"])
             _check_hyper("lr", lr)
             _check_hyper("weight_decay", wd)
-            for spec in gspecs:
-                if id(spec) not in active:
-                    continue
-                mine = restore if spec.in_place else []
-                if rule is None:
-                    update = [(s, -lr * c) for s, c in terms if lr * c != 0.0]
-                    if not mine and not update and lr * wd == 0.0:
-                        continue
-                    update_(
-                        spec,
-                        restore=mine,
-                        update=update,
-                        decay=lr * wd,
-                        distribution=cfg.distribution,
-                        chunk_size=cfg.chunk_size,
-                        round_seed=round_seed,
-                    )
-                else:
-                    state = self.state[spec.param]
-                    if not state:
-                        state.update(init_state(rule, spec.param))
-                        state["step"] = 0
-                    state["step"] += 1
-                    rule_update_(
-                        spec,
-                        rule=rule,
-                        restore=mine,
-                        grads=terms,
-                        lr=lr,
-                        weight_decay=wd,
-                        state={k: v for k, v in state.items() if isinstance(v, torch.Tensor)},
-                        momentum=cfg.momentum,
-                        betas=cfg.betas,
-                        adam_eps=cfg.adam_eps,
-                        adam_step=state["step"],
-                        distribution=cfg.distribution,
-                        chunk_size=cfg.chunk_size,
-                        round_seed=round_seed,
-                    )
+            groups.append((lr, wd, [sp for sp in gspecs if id(sp) in active]))
+        for lr, wd, specs in groups:
+            if not specs:
+                continue
+            if rule is None:
+                passes.update_group(
+                    specs,
+                    restore=restore,
+                    update=[(s, -lr * c) for s, c in terms if lr * c != 0.0],
+                    decay=lr * wd,
+                    distribution=self.stream,
+                    chunk_size=cfg.chunk_size,
+                    round_seed=round_seed,
+                )
+                continue
+            states, steps = [], []
+            for spec in specs:
+                state = self.state[spec.param]
+                if not state:
+                    state.update(init_state(rule, spec.param))
+                    state["step"] = 0
+                state["step"] += 1
+                states.append({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+                steps.append(state["step"])
+            passes.rule_group(
+                specs,
+                rule=rule,
+                restore=restore,
+                grads=terms,
+                lr=lr,
+                weight_decay=wd,
+                states=states,
+                steps=steps,
+                momentum=cfg.momentum,
+                betas=cfg.betas,
+                adam_eps=cfg.adam_eps,
+                distribution=self.stream,
+                chunk_size=cfg.chunk_size,
+                round_seed=round_seed,
+            )
 
     def _apply_cge(self, projected_grads: Sequence[float], step: int) -> None:
         group_of = {id(sp): g for g, gspecs in zip(self.param_groups, self._specs) for sp in gspecs}
@@ -827,6 +854,22 @@ class ZOOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo", None)
         super().load_state_dict(state_dict)
+        # torch.optim.Optimizer casts floating state to each parameter's dtype; momentum and
+        # Adam state are kept in float32 (float64 for float64 weights), and the fused kernels
+        # read float32: reload them from the saved tensors, not from the lossy bf16 casts
+        by_id = {
+            pid: p
+            for saved, group in zip(state_dict.get("param_groups", []), self.param_groups)
+            for pid, p in zip(saved["params"], group["params"])
+        }
+        for pid, saved in state_dict.get("state", {}).items():
+            p = by_id.get(pid)
+            if p is None:
+                continue
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            for k, v in saved.items():
+                if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.detach().to(dtype=dtype, device=p.device, copy=True).contiguous()
         if zo is not None:
             saved_seed = zo.get("config", {}).get("seed", self.config.seed)
             if saved_seed != self.config.seed:
@@ -896,11 +939,31 @@ def _user_mask(fn, spec: ParamSpec, step: int, inner):
 
 
 class _Passes(NamedTuple):
-    """One backend's passes, all with the keyword-only signatures of ``core.passes``."""
+    """One backend's passes, all with the keyword-only signatures of ``core.passes``;
+    ``update_group`` and ``rule_group`` take a param group's specs at once (one launch per
+    dtype on the Triton backend)."""
 
     perturb: Callable[..., None]
     copy: Callable[..., torch.Tensor]
     update: Callable[..., None]
+    update_group: Callable[..., None]
+    rule_group: Callable[..., None]
+
+
+def _torch_update_group(specs: Sequence[ParamSpec], *, restore, update, decay: float, **kw) -> None:
+    """``update_`` per spec; the restore terms go to the in-place specs only."""
+    for spec in specs:
+        mine = restore if spec.in_place else []
+        if mine or update or decay:
+            update_(spec, restore=mine, update=update, decay=decay, **kw)
+
+
+def _torch_rule_group(specs: Sequence[ParamSpec], *, restore, states, steps, **kw) -> None:
+    for spec, state, t in zip(specs, states, steps):
+        rule_update_(spec, restore=restore if spec.in_place else [], state=state, adam_step=t, **kw)
+
+
+_TORCH_PASSES = _Passes(perturb_, perturbed_copy, update_, _torch_update_group, _torch_rule_group)
 
 
 class _RngState:
@@ -938,11 +1001,13 @@ class _OutOfPlace:
         specs: list[ParamSpec],
         terms,
         config: ZOConfig,
+        stream: str,
         *,
         dual: bool = False,
         copy: Callable[..., torch.Tensor] = perturbed_copy,
     ) -> None:
         self.model, self.terms, self.config, self.dual, self.copy = model, terms, config, dual, copy
+        self.stream = stream
         by_id = {id(s.param): s for s in specs}
         self.owners: dict[nn.Module, list[tuple[str, ParamSpec]]] = {}
         for mod in model.modules():
@@ -966,11 +1031,11 @@ class _OutOfPlace:
             if self.dual:  # forward-grad: theta carrying the tangent z (forward-mode AD)
                 import torch.autograd.forward_ad as fwAD
 
-                z = direction_tensor(spec, self.terms, self.config)
+                z = direction_tensor(spec, self.terms, self.config, distribution=self.stream)
                 mod._parameters[attr] = fwAD.make_dual(spec.param.detach(), z.to(spec.param.dtype))
             else:
                 mod._parameters[attr] = self.copy(
-                    spec, self.terms, distribution=self.config.distribution, chunk_size=self.config.chunk_size
+                    spec, self.terms, distribution=self.stream, chunk_size=self.config.chunk_size
                 )
             self.visited.add(id(spec.param))
         self.saved[mod] = saved
@@ -1006,12 +1071,15 @@ class _OutOfPlace:
                 )
 
 
-def direction_tensor(spec: ParamSpec, terms, config: ZOConfig, copy=perturbed_copy) -> torch.Tensor:
+def direction_tensor(
+    spec: ParamSpec, terms, config: ZOConfig, copy=perturbed_copy, *, distribution: str | None = None
+) -> torch.Tensor:
     """``sum(coeff * z(seed))`` for the whole of ``spec`` as a float32 tensor (frozen rows and
-    masked elements zero)."""
+    masked elements zero), drawn from ``distribution`` (a ``core.noise.STREAMS`` name; default
+    ``config.distribution``)."""
     zeros = torch.zeros(spec.param.shape, dtype=torch.float32, device=spec.param.device)
     probe = ParamSpec(zeros, spec.name, spec.key, spec.frozen_rows, mask=spec.mask)
-    return copy(probe, terms, distribution=config.distribution, chunk_size=config.chunk_size)
+    return copy(probe, terms, distribution=distribution or config.distribution, chunk_size=config.chunk_size)
 
 
 def materialize_direction(
@@ -1024,5 +1092,5 @@ def materialize_direction(
     if spec is None:
         raise ValueError("That tensor is not one of the optimizer's parameters.")
     return direction_tensor(
-        spec, [(opt.seeds_for(step)[query], 1.0)], opt.config, opt._passes_for_step().copy
+        spec, [(opt.seeds_for(step)[query], 1.0)], opt.config, opt._passes_for_step().copy, distribution=opt.stream
     )

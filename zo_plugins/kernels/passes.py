@@ -222,7 +222,7 @@ def _auto_block(group: int, largest: int) -> int:
 def _group(distribution: str) -> int:
     if distribution == "rademacher":
         return RADEMACHER_GROUP
-    if distribution == "gaussian":
+    if distribution in ("gaussian", "gaussian-philox"):  # the kernels' Gaussian is the Philox stream
         return GAUSSIAN_GROUP
     raise ValueError(f"distribution={distribution!r} is not one of ('gaussian', 'rademacher').")
 
