@@ -94,7 +94,9 @@ def make_specs(sizes: list[int], dtype: torch.dtype, device: torch.device) -> li
 
 
 def pass_table(args, timer, device, peak_gbs, rows) -> None:
+    from zo_plugins.core.updates import init_state, rule_update_
     from zo_plugins.kernels import passes as kp
+    from zo_plugins.kernels.rules import triton_rule_update_foreach_
 
     layouts = {
         "1 tensor": [args.numel],
@@ -108,6 +110,16 @@ def pass_table(args, timer, device, peak_gbs, rows) -> None:
                 kw = dict(distribution=dist, chunk_size=args.chunk_size)
                 upd = dict(restore=[(S1, EPS)], update=[(S1, -LR * 3.0)], decay=LR * 0.1, **kw)
                 rs = 7 if dtype != torch.float32 else None
+                states = {r: [init_state(r, s.param) for s in specs] for r in ("momentum", "adam")}
+
+                def rule_cases(rule):
+                    rk = dict(rule=rule, restore=[(S1, EPS)], grads=[(S1, 3.0)], lr=LR, weight_decay=0.1,
+                              round_seed=rs, **kw)
+                    return (
+                        lambda: [rule_update_(s, state=st, adam_step=1, **rk) for s, st in zip(specs, states[rule])],
+                        lambda: triton_rule_update_foreach_(specs, states=states[rule], steps=[1] * len(specs), **rk),
+                    )
+
                 cases = {
                     "perturb +eps": (
                         lambda: torch_passes.perturb_(specs, [(S1, EPS)], **kw),
@@ -125,11 +137,16 @@ def pass_table(args, timer, device, peak_gbs, rows) -> None:
                         lambda: [torch_passes.perturbed_copy(s, [(S1, EPS)], **kw) for s in specs],
                         lambda: kp.triton_perturbed_copies(specs, [(S1, EPS)], **kw),
                     ),
+                    "momentum update": rule_cases("momentum"),
+                    "adam update": rule_cases("adam"),
                 }
+                # float32 state read and written: 8 bytes per element (momentum), 16 (Adam)
+                state_bytes = {"momentum update": 8, "adam update": 16}
                 for name, (torch_fn, triton_fn) in cases.items():
+                    case_bytes = nbytes + state_bytes.get(name, 0) * sum(sizes)
                     for backend, fn in (("torch", torch_fn), ("triton", triton_fn)):
                         ms = timer(fn)
-                        gbs = nbytes / ms / 1e6
+                        gbs = case_bytes / ms / 1e6
                         rows.append(
                             dict(
                                 kind="pass",
@@ -137,7 +154,7 @@ def pass_table(args, timer, device, peak_gbs, rows) -> None:
                                 dtype=str(dtype).split(".")[-1],
                                 backend=backend,
                                 ms=round(ms, 4),
-                                bytes=nbytes,
+                                bytes=case_bytes,
                                 gbs=round(gbs, 1),
                                 pct_peak=round(100 * gbs / peak_gbs, 1) if peak_gbs else "",
                             )

@@ -120,3 +120,34 @@ def test_stateful_rule_state_stays_float32_through_a_checkpoint_for_bf16_weights
     opt.step(lambda: model(IDS).float().pow(2).mean())
     opt2.step(lambda: model2(IDS).float().pow(2).mean())
     assert_bit_identical(params_snapshot(model), params_snapshot(model2))
+
+
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-sgd-momentum"])
+def test_sparse_mezo_magnitude_mask_runs_in_the_kernels_and_matches_torch(optimizer, monkeypatch):
+    from zo_plugins.core import optimizer as core_opt
+
+    # the kernels (not the PyTorch passes) must run: fail if the optimizer falls back
+    monkeypatch.setattr(core_opt, "_TORCH_PASSES", None)
+    a = run("triton", distribution="rademacher", optimizer=optimizer, sparsity=0.6, sparsity_mode="magnitude")
+    monkeypatch.undo()
+    b = run("torch", distribution="rademacher", optimizer=optimizer, sparsity=0.6, sparsity_mode="magnitude")
+    assert_bit_identical(params_snapshot(a), params_snapshot(b))
+    start = make()[1].weight
+    changed = (a[1].weight != start).float().mean().item()
+    assert 0.25 < changed < 0.55, changed  # ~40% perturbed/updated per step, masks move a little
+
+
+def test_user_mask_is_respected_on_the_triton_backend():
+    model = make()
+    before = params_snapshot(model)
+    keep = torch.zeros(3, 8, dtype=torch.bool)
+    keep[:, :4] = True
+    opt = ZOOptimizer(
+        model, lr=1e-1, backend="triton", distribution="rademacher",
+        mask_fn=lambda name, p, step: keep if name == "1.weight" else None,
+    )
+    for _ in range(2):
+        opt.step(lambda: model(IDS).float().pow(2).mean())
+    w = model[1].weight
+    assert torch.equal(w[:, 4:], before["1.weight"][:, 4:])
+    assert (w[:, :4] != before["1.weight"][:, :4]).all()

@@ -135,3 +135,23 @@ def test_rule_kernel_rejects_a_missing_state_before_writing():
             states=[{}], distribution="rademacher",
         )
     assert torch.count_nonzero(spec.param) == 0
+
+
+@pytest.mark.parametrize("rule", ["sign", "momentum", "adam"])
+def test_rule_kernel_magnitude_mask_matches_the_pytorch_mask(rule):
+    from zo_plugins.core.sparsity import MagnitudeMask
+
+    theta, a, b = _pair((4, 99), torch.float32)
+    thr = float(theta.abs().reshape(-1).kthvalue(150).values)  # ~38% of the elements
+    a.mask = MagnitudeMask(a.param, thr)
+    sa, sb = init_state(rule, a.param), init_state(rule, b.param)
+    common = dict(rule=rule, restore=[], grads=[(S1, 0.7)], lr=1e-3, weight_decay=0.1, **HYPER)
+    rule_update_(a, state=sa, adam_step=1, distribution="rademacher", chunk_size=1 << 20, **common)
+    triton_rule_update_foreach_([b], states=[sb], steps=[1], distribution="rademacher",
+                                magnitude_threshold=a.mask.kernel_threshold, **common)
+    _check_weights(rule, b.param, a.param)
+    for k in sa:
+        assert_bitwise(sb[k], sa[k], f"{rule} state {k}")
+    outside = theta.abs() > thr
+    assert_bitwise(b.param[outside], theta[outside], "weights outside the mask")
+    assert int((b.param != theta).sum()) == 150

@@ -33,6 +33,8 @@ CONSTRUCTION = [
     ({"lr": 1e-3, "clip_projected_grad": 0}, ValueError, "clip_projected_grad=0"),
     ({"lr": 1e-3, "stochastic_rounding": "yes"}, ValueError, "stochastic_rounding='yes'"),
     ({"lr": 1e-3, "epsilon": 1e-3}, TypeError, r"unknown argument\(s\) \['epsilon'\]"),
+    ({"lr": 1e-3, "gaussian_stream": "mt"}, ValueError, "gaussian_stream='mt'.*'auto', 'philox', 'native'"),
+    ({"lr": 1e-3, "gaussian_stream": "native", "backend": "triton"}, ValueError, "use gaussian_stream='philox'"),
 ]
 
 

@@ -98,3 +98,31 @@ def test_keys_and_seeds_are_stable_values():
 def test_unknown_distribution_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         _z(10, "uniform")
+
+
+def test_philox_gaussian_stream_is_the_kernels_stream_and_chunk_invariant():
+    from zo_plugins.kernels.reference import fill_philox_gaussian_
+
+    whole = _z(3001, "gaussian-philox")
+    want = fill_philox_gaussian_(torch.empty(3001), seed=123, key=456)
+    assert torch.equal(whole, want)
+    parts = torch.cat([_z(1000, "gaussian-philox", offset=0), _z(2001, "gaussian-philox", offset=1000)])
+    assert torch.equal(parts, whole)
+    assert abs(whole.mean().item()) < 0.1 and abs(whole.var().item() - 1) < 0.1
+    assert not torch.equal(whole, _z(3001, "gaussian")), "the native stream is a different stream"
+
+
+def test_optimizer_stream_follows_gaussian_stream():
+    from zo_plugins import ZOOptimizer
+    from zo_plugins.core.optimizer import materialize_direction
+    from zo_plugins.kernels.reference import fill_philox_gaussian_
+
+    lin = torch.nn.Linear(7, 5)
+    assert ZOOptimizer(lin, lr=0.1).stream == "gaussian"  # CPU, torch backend: native blocks
+    assert ZOOptimizer(lin, lr=0.1, distribution="rademacher").stream == "rademacher"
+    opt = ZOOptimizer(lin, lr=0.1, gaussian_stream="philox")
+    assert opt.stream == "gaussian-philox"
+    spec = next(s for s in opt.specs() if s.param is lin.weight)
+    z = materialize_direction(opt, lin.weight, step=3)
+    want = fill_philox_gaussian_(torch.empty(35), seed=opt.seeds_for(3)[0], key=spec.key).view(5, 7)
+    assert torch.equal(z, want)

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import ZOConfig
 from .noise import PHILOX_GAUSSIAN, mix64, step_seed, tensor_key
 from .passes import HALF_DTYPES, ParamSpec, _frozen_slices, perturb_, perturbed_copy, update_
-from .sparsity import sparsity_mask
+from .sparsity import MagnitudeMask, sparsity_mask
 from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
 from .updates import init_state, rule_update_
 
@@ -292,10 +292,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         return PHILOX_GAUSSIAN if choice == "philox" else "gaussian"
 
     def _passes_for_step(self) -> _Passes:
-        """The backend's passes; sparsity masks (callables) run on the PyTorch passes."""
-        if self.config.sparsity and self.backend != "torch":
-            return _TORCH_PASSES
-        return self._passes
+        """The backend's passes for this step's masks: Sparse MeZO's magnitude mask runs in the
+        Triton kernels (as a threshold they test in registers); random and user masks
+        (callables) run on the PyTorch passes, which draw the same stream."""
+        if self.backend == "torch":
+            return self._passes
+        masks = [s.mask for s in self.specs() if s.mask is not None]
+        if not masks:
+            return self._passes
+        if all(isinstance(m, MagnitudeMask) for m in masks):
+            return _thresholded(self._passes)
+        return _TORCH_PASSES
 
     def active_specs(self) -> list[ParamSpec]:
         """The tensors this step perturbs and updates (all of them unless ``block_wise``)."""
@@ -966,6 +973,22 @@ def _torch_rule_group(specs: Sequence[ParamSpec], *, restore, states, steps, **k
 _TORCH_PASSES = _Passes(perturb_, perturbed_copy, update_, _torch_update_group, _torch_rule_group)
 
 
+def _kernel_thresholds(specs: Sequence[ParamSpec]) -> list[float | None]:
+    return [None if s.mask is None else s.mask.kernel_threshold for s in specs]
+
+
+def _thresholded(p: _Passes) -> _Passes:
+    """The Triton passes with each spec's magnitude mask passed as ``magnitude_threshold``."""
+
+    def many(fn):
+        return lambda specs, *a, **kw: fn(specs, *a, magnitude_threshold=_kernel_thresholds(specs), **kw)
+
+    def one(fn):
+        return lambda spec, *a, **kw: fn(spec, *a, magnitude_threshold=_kernel_thresholds([spec])[0], **kw)
+
+    return _Passes(many(p.perturb), one(p.copy), one(p.update), many(p.update_group), many(p.rule_group))
+
+
 class _RngState:
     """CPU and CUDA RNG states saved before the first forward and restored before each
     later one, so every forward of a step sees the same dropout masks."""
@@ -1091,6 +1114,7 @@ def materialize_direction(
     spec = next((s for s in opt.specs() if s.param is param), None)
     if spec is None:
         raise ValueError("That tensor is not one of the optimizer's parameters.")
-    return direction_tensor(
-        spec, [(opt.seeds_for(step)[query], 1.0)], opt.config, opt._passes_for_step().copy, distribution=opt.stream
-    )
+    # the probe is a zero tensor: a mask must read the real weights, which the PyTorch
+    # pass's mask callable does (the kernels would test the probe's zeros)
+    copy = perturbed_copy if spec.mask is not None else opt._passes_for_step().copy
+    return direction_tensor(spec, [(opt.seeds_for(step)[query], 1.0)], opt.config, copy, distribution=opt.stream)

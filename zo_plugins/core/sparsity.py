@@ -22,7 +22,7 @@ import torch
 from .noise import mix64, native_blocks_, step_seed
 from .passes import ParamSpec
 
-__all__ = ["sparsity_mask", "SAMPLE"]
+__all__ = ["sparsity_mask", "MagnitudeMask", "SAMPLE"]
 
 SAMPLE = 1 << 16
 _SALT = 0x5FA75E
@@ -44,17 +44,30 @@ def magnitude_threshold(spec: ParamSpec, sparsity: float, seed: int) -> float:
     return float(sample.kthvalue(k).values)
 
 
+class MagnitudeMask:
+    """``|theta| <= threshold`` on the weights as they are when a pass reads them.  The Triton
+    kernels evaluate the same mask in registers (``kernel_threshold``: they test ``<``)."""
+
+    def __init__(self, param: torch.Tensor, threshold: float) -> None:
+        self.flat = param.detach().view(-1)
+        self.threshold = threshold
+
+    def __call__(self, start: int, n: int) -> torch.Tensor:
+        return self.flat[start : start + n].abs() <= self.threshold
+
+    @property
+    def kernel_threshold(self) -> float:
+        """The float32 ``t`` with ``|x| < t`` iff ``|x| <= threshold`` for every float32 ``x``
+        (the threshold is one of the tensor's own magnitudes, so it is a float32 value)."""
+        t = torch.tensor(self.threshold, dtype=torch.float32)
+        return float(torch.nextafter(t, torch.tensor(float("inf"))))
+
+
 def sparsity_mask(spec: ParamSpec, config, step: int) -> Callable[[int, int], torch.Tensor]:
     """``mask(start, n)`` for step ``step``: True where the element is perturbed/updated."""
     s = config.sparsity
     if config.sparsity_mode == "magnitude":
-        thr = magnitude_threshold(spec, s, step_seed(config.seed, step))
-        flat = spec.param.detach().view(-1)
-
-        def mask(start: int, n: int) -> torch.Tensor:
-            return flat[start : start + n].abs() <= thr
-
-        return mask
+        return MagnitudeMask(spec.param, magnitude_threshold(spec, s, step_seed(config.seed, step)))
     epoch_seed = mix64(config.seed, step // config.sparsity_resample_every, _SALT)
     key = mix64(epoch_seed, spec.key)
     numel = spec.param.numel()

@@ -34,7 +34,16 @@ import triton
 import triton.language as tl
 
 from ..core.passes import ParamSpec
-from .passes import _DTYPE_CODE, _auto_block, _check, _f32_bits, _frozen_ranges, _group, _tile_tables
+from .passes import (
+    _DTYPE_CODE,
+    _auto_block,
+    _check,
+    _f32_bits,
+    _frozen_ranges,
+    _group,
+    _thresholds,
+    _tile_tables,
+)
 from .philox import direction_tile, round_to_half, round_words_tile
 from .streams import SR_SALT, philox_keys
 
@@ -44,7 +53,7 @@ RULE_CODES = {"sign": 0, "momentum": 1, "adam": 2}
 Term = tuple[int, float]
 
 # Columns of the per-tensor int64 metadata table.
-_THETA, _M, _V, _NUMEL, _BC1, _BC2, _RKEY, _KEYS = range(8)
+_THETA, _M, _V, _NUMEL, _BC1, _BC2, _RKEY, _THRESH, _KEYS = range(9)
 
 
 @triton.jit
@@ -61,6 +70,7 @@ def _zo_rule_kernel(
     DTYPE: tl.constexpr,
     RULE: tl.constexpr,  # 0 sign, 1 momentum, 2 adam
     DECAY: tl.constexpr,
+    MASKED: tl.constexpr,
     RESTORE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
 ):
@@ -86,20 +96,23 @@ def _zo_rule_kernel(
 
     active = inb
     for f in tl.static_range(F):
-        lo = tl.load(row + 7 + 3 * K + 2 * f)
-        hi = tl.load(row + 8 + 3 * K + 2 * f)
+        lo = tl.load(row + 8 + 3 * K + 2 * f)
+        hi = tl.load(row + 9 + 3 * K + 2 * f)
         active = active & ((local < lo) | (local >= hi))
+    if MASKED:  # Sparse MeZO: only |theta| < threshold is perturbed and updated
+        thresh = tl.load(row + 7).to(tl.int32).to(tl.float32, bitcast=True)
+        active = active & (tl.abs(x) < thresh)
 
     first_counter = start // GROUP
     d = tl.zeros([ROWS, GROUP], dtype=tl.float32)
     for k in tl.static_range(K):
-        key = tl.load(row + 7 + k)
+        key = tl.load(row + 8 + k)
         z = direction_tile(first_counter, key, ROWS, GROUP)
         z = tl.where(active, z, 0.0)
         if RESTORE:
-            rc = tl.load(row + 7 + K + k).to(tl.int32).to(tl.float32, bitcast=True)
+            rc = tl.load(row + 8 + K + k).to(tl.int32).to(tl.float32, bitcast=True)
             x = tl.fma(z, rc, x)
-        gc = tl.load(row + 7 + 2 * K + k).to(tl.int32).to(tl.float32, bitcast=True)
+        gc = tl.load(row + 8 + 2 * K + k).to(tl.int32).to(tl.float32, bitcast=True)
         d = tl.fma(z, gc, d)
 
     scale = tl.load(scal_ptr + 0)
@@ -160,13 +173,16 @@ def triton_rule_update_foreach_(
     distribution: str,
     chunk_size: int | None = None,
     round_seed: int | None = None,
+    magnitude_threshold: float | Sequence[float | None] | None = None,
     block: int | None = None,
 ) -> None:
     """``core.updates.rule_update_`` for a whole param group, one launch per dtype.
 
     ``states[i]`` holds spec ``i``'s float32 state (``momentum_buffer``; ``exp_avg`` and
     ``exp_avg_sq``), updated in place; ``steps[i]`` is its Adam step count (bias correction).
-    ``restore`` applies to the specs perturbed in place (``spec.in_place``)."""
+    ``restore`` applies to the specs perturbed in place (``spec.in_place``);
+    ``magnitude_threshold`` (one value or one per spec) restricts the update to
+    ``|theta| < threshold`` (Sparse MeZO), the other elements' weights keep their bits."""
     del chunk_size
     if rule not in RULE_CODES:
         raise ValueError(f"rule={rule!r} is not one of {tuple(RULE_CODES)}.")
@@ -188,7 +204,8 @@ def triton_rule_update_foreach_(
     scal = np.array(
         [1.0 - lr * weight_decay, -lr, first, 1.0 - b1, b2, 1.0 - b2, adam_eps, 0.0], dtype=np.float32
     )
-    buckets: dict[tuple[torch.dtype, bool], list[int]] = {}
+    thr = _thresholds(len(specs), magnitude_threshold)
+    buckets: dict[tuple[torch.dtype, bool, bool], list[int]] = {}
     for i, spec in enumerate(specs):
         _check(spec.param, spec.name)
         for name in need:
@@ -199,16 +216,17 @@ def triton_rule_update_foreach_(
                     f"{tuple(spec.param.shape)}."
                 )
         if spec.param.numel():
-            buckets.setdefault((spec.param.dtype, bool(r_coef) and spec.in_place), []).append(i)
+            key = (spec.param.dtype, bool(r_coef) and spec.in_place, thr[i] is not None)
+            buckets.setdefault(key, []).append(i)
     if not buckets:
         return
     device = specs[0].param.device
     scal_t = torch.from_numpy(scal).to(device)
-    for (dtype, with_restore), idx in buckets.items():
+    for (dtype, with_restore, masked), idx in buckets.items():
         gspecs = [specs[i] for i in idx]
         frozen = [_frozen_ranges(s) for s in gspecs]
         F = max(len(f) for f in frozen)
-        width = 7 + 3 * K + 2 * F
+        width = 8 + 3 * K + 2 * F
         meta = np.zeros((len(idx), width), dtype=np.int64)
         meta[:, _THETA] = [s.param.data_ptr() for s in gspecs]
         if need:
@@ -218,6 +236,7 @@ def triton_rule_update_foreach_(
             meta[:, _BC1] = [_f32_bits(1.0 - b1 ** steps[i]) for i in idx]
             meta[:, _BC2] = [_f32_bits(1.0 - b2 ** steps[i]) for i in idx]
         meta[:, _NUMEL] = [s.param.numel() for s in gspecs]
+        meta[:, _THRESH] = [_f32_bits(thr[i] if masked else np.inf) for i in idx]
         keys = [s.key for s in gspecs]
         stochastic = round_seed is not None and dtype != torch.float32
         if stochastic:
@@ -247,6 +266,7 @@ def triton_rule_update_foreach_(
                 DTYPE=_DTYPE_CODE[dtype],
                 RULE=RULE_CODES[rule],
                 DECAY=weight_decay != 0.0,
+                MASKED=masked,
                 RESTORE=with_restore,
                 STOCHASTIC=stochastic,
                 num_warps=4,
