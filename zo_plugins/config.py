@@ -28,6 +28,7 @@ OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-conservative",
 SPARSITY_MODES = ("magnitude", "random")
 BLOCK_WISE = ("cycle", "random")
 GAUSSIAN_STREAMS = ("auto", "philox", "native")
+DIRECTIONS = (*DISTRIBUTIONS, "sphere")
 
 
 def _help(default: Any, text: str) -> Any:
@@ -59,8 +60,10 @@ class ZOConfig:
     )
     distribution: str = _help(
         "gaussian",
-        "Direction distribution: 'gaussian' (MeZO) or 'rademacher' (+/-1, the cheapest to "
-        "generate and bit-identical across backends).",
+        "Direction distribution: 'gaussian' (MeZO), 'rademacher' (+/-1, the cheapest to "
+        "generate and bit-identical across backends) or 'sphere' (uniform on the sphere of "
+        "radius sqrt(D) over the D perturbed coordinates: the Gaussian direction normalised, "
+        "one extra generation pass per direction; eps and lr keep their Gaussian meaning).",
     )
     estimator: str = _help(
         "spsa",
@@ -193,7 +196,7 @@ class ZOConfig:
                 f"ZOConfig.n_queries={self.n_queries!r} is invalid: use an integer >= 1 "
                 "(1 is MeZO's setting)."
             )
-        _check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        _check_choice("distribution", self.distribution, DIRECTIONS)
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("sparsity_mode", self.sparsity_mode, SPARSITY_MODES)

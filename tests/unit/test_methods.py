@@ -320,3 +320,45 @@ def test_user_mask_limits_perturbation_and_update():
     bad = ZOOptimizer(model, lr=1e-1, mask_fn=lambda n, p, s: torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool tensor of shape"):
         bad.step(lambda: model(x).pow(2).mean())
+
+
+# ------------------------------------------------------------------------- sphere directions
+def test_sphere_directions_have_norm_sqrt_d_and_the_spsa_estimate_is_their_derivative(quad):
+    model, loss_fn = quad
+    d = sum(p.numel() for p in model.parameters())
+    opt = ZOOptimizer(model, lr=0.0, eps=1e-6, distribution="sphere", n_queries=2)
+    est = opt.estimate(loss_fn)
+    opt.restore()
+    for q in range(2):
+        z = torch.cat([materialize_direction(opt, p, step=0, query=q).double().reshape(-1) for p in model.parameters()])
+        assert z.norm().item() == pytest.approx(math.sqrt(d), rel=1e-6)
+        assert est.projected_grads[q] == pytest.approx(dir_deriv(opt, model, loss_fn, query=q), rel=1e-5)
+    # the two directions are the Gaussian ones rescaled, not the same direction
+    za = materialize_direction(opt, model[0].weight, step=0, query=0)
+    zb = materialize_direction(opt, model[0].weight, step=0, query=1)
+    assert not torch.allclose(za, zb)
+
+
+def test_sphere_update_moves_along_the_probed_direction(quad):
+    model, loss_fn = quad
+    before = params_snapshot(model)
+    opt = ZOOptimizer(model, lr=1e-3, eps=1e-6, distribution="sphere")
+    opt.step(loss_fn)
+    g = opt.last_step.projected_grad
+    for name, p in model.named_parameters():
+        z = materialize_direction(opt, p, step=0).double()
+        # materialize_direction rounds scale * z to float32: ~1e-7 relative of an update ~1e-3
+        torch.testing.assert_close(p.detach(), before[name] - 1e-3 * g * z, rtol=0, atol=1e-9)
+
+
+def test_sphere_norm_counts_only_perturbed_coordinates():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, padding_idx=0).double()  # row 0 frozen
+    opt = ZOOptimizer(emb, lr=0.0, distribution="sphere", sparsity=0.5, sparsity_mode="random")
+    opt.estimate(lambda: emb(torch.arange(10)).pow(2).sum())
+    opt.restore()
+    z = materialize_direction(opt, emb.weight, step=0).double()
+    on = int((z != 0).sum())
+    assert torch.count_nonzero(z[0]) == 0
+    assert 5 < on < 36
+    assert z.norm().item() == pytest.approx(math.sqrt(on), rel=1e-6)  # z is rounded to float32

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import ZOConfig
 from .noise import PHILOX_GAUSSIAN, mix64, step_seed, tensor_key
-from .passes import HALF_DTYPES, ParamSpec, _frozen_slices, perturb_, perturbed_copy, update_
+from .passes import HALF_DTYPES, ParamSpec, _Chunks, _frozen_slices, perturb_, perturbed_copy, update_
 from .sparsity import MagnitudeMask, sparsity_mask
 from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
 from .updates import init_state, rule_update_
@@ -164,6 +164,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._traj_seeds: list[int] = []
         self._validated = False
         self._history: list[list[tuple[int, float]]] = []  # stateless momentum: recent terms
+        self._scales: dict[int, float] = {}  # distribution='sphere': per-seed normalisation
         self.rejected_steps = 0  # zo-sgd-conservative: updates not taken
         self.ranking_oracle = ranking_oracle
         self.mask_fn = mask_fn
@@ -367,7 +368,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     @contextmanager
     def _perturbed(self, seed: int, coeff: float):
-        with self._perturbed_terms([(seed, coeff)]):
+        with self._perturbed_terms([(seed, coeff * self._coef(seed))]):
             yield
 
     @contextmanager
@@ -512,7 +513,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             with (
                 fwAD.dual_level(),
                 sdpa_kernel(SDPBackend.MATH),
-                _OutOfPlace(self.model, self.active_specs(), [(seed, 1.0)], self.config, self.stream, dual=True),
+                _OutOfPlace(
+                    self.model, self.active_specs(), [(seed, self._coef(seed))], self.config, self.stream, dual=True
+                ),
             ):
                 if rng is not None:
                     rng.restore()
@@ -607,7 +610,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The estimated gradient of this step as (seed, coefficient) terms; with stateless
         momentum, the beta-weighted terms of the last ``momentum_history`` steps too."""
         seeds = self.seeds_for(step)
-        terms = [(s, g / len(seeds)) for s, g in zip(seeds, projected_grads)]
+        terms = [(s, g / len(seeds) * self._coef(s)) for s, g in zip(seeds, projected_grads)]
         cfg = self.config
         if cfg.optimizer == "zo-sgd-momentum" and cfg.momentum_history > 0:
             self._history.append(terms)
@@ -716,7 +719,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if len(lrs) != 1:
             raise ValueError("optimizer='zo-sgd-conservative' needs one learning rate for all param groups.")
         lr = lrs.pop()
-        terms = [(s, -lr * c) for s, c in zip(self.seeds_for(step), [g / len(grads) for g in grads])]
+        terms = [(s, -lr * g / len(grads) * self._coef(s)) for s, g in zip(self.seeds_for(step), grads)]
         cuda = sorted({s.param.device.index or 0 for s in self.specs() if s.param.is_cuda})
         with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._forward_mode():
             with self._perturbed_terms(terms):
@@ -781,6 +784,33 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         self._traj_shifts = []
 
+    def _sphere_scales(self, seeds: Sequence[int]) -> dict[int, float]:
+        """distribution='sphere': ``sqrt(D) / ||z(seed)||`` per seed, with ``z`` the Gaussian
+        direction over the D coordinates this step perturbs (frozen rows and masked elements
+        excluded), so ``scale * z`` is uniform on the sphere of radius sqrt(D).  One extra
+        generation pass per direction; nothing is stored."""
+        chunks = _Chunks(self.config.chunk_size, self.stream)
+        out = {}
+        for seed in seeds:
+            sq, count = 0.0, 0
+            for spec in self.active_specs():
+                for start, n in chunks.ranges(spec.param.numel()):
+                    z = chunks.direction(spec, seed, start, n)
+                    sq += float(z.double().square().sum())
+                    on = torch.ones(n, dtype=torch.bool, device=z.device)
+                    for sl in _frozen_slices(spec, start, n):
+                        on[sl] = False
+                    if spec.mask is not None:
+                        on &= spec.mask(start, n)
+                    count += int(on.sum())
+            out[seed] = math.sqrt(count / sq) if sq > 0 else 0.0
+        return out
+
+    def _coef(self, seed: int) -> float:
+        """The factor turning the stream's direction ``z(seed)`` into this step's direction
+        (1 except for distribution='sphere')."""
+        return self._scales.get(seed, 1.0)
+
     # ------------------------------------------------------------------ trajectory
     def _begin_step(self, step: int) -> None:
         """Open the trajectory log before the first weight changes (base hash), and note the
@@ -795,6 +825,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             spec.mask = sparsity_mask(spec, cfg, step) if cfg.sparsity else None
             if self.mask_fn is not None:
                 spec.mask = _user_mask(self.mask_fn, spec, step, spec.mask)
+        self._scales = self._sphere_scales(self._traj_seeds) if cfg.distribution == "sphere" else {}
         if self._trajectory is None and self.config.trajectory_path:
             self._trajectory = TrajectoryWriter(self.config.trajectory_path, self.trajectory_header(), step)
 
@@ -1117,4 +1148,8 @@ def materialize_direction(
     # the probe is a zero tensor: a mask must read the real weights, which the PyTorch
     # pass's mask callable does (the kernels would test the probe's zeros)
     copy = perturbed_copy if spec.mask is not None else opt._passes_for_step().copy
-    return direction_tensor(spec, [(opt.seeds_for(step)[query], 1.0)], opt.config, copy, distribution=opt.stream)
+    seed = opt.seeds_for(step)[query]
+    scale = 1.0
+    if opt.config.distribution == "sphere":  # the step's scale, or computed now on the current weights
+        scale = opt._scales[seed] if seed in opt._scales else opt._sphere_scales([seed])[seed]
+    return direction_tensor(spec, [(seed, scale)], opt.config, copy, distribution=opt.stream)
