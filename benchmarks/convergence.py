@@ -34,6 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[dict, float]] = {
     "mezo": ({}, 1.0),
     "mezo-rademacher": ({"distribution": "rademacher"}, 1.0),
+    "mezo-sphere": ({"distribution": "sphere"}, 1.0),
     "forward": ({"estimator": "forward", "n_queries": 2}, 1.0),
     "forward-grad": ({"estimator": "forward-grad"}, 1.0),
     "spsa-q4": ({"n_queries": 4}, 1.0),

@@ -22,6 +22,8 @@ VARIANTS = [
     {"sparsity": 0.75, "sparsity_mode": "magnitude"},
     {"sparsity": 0.75, "sparsity_mode": "random"},
     {"block_wise": "cycle"},
+    {"distribution": "sphere", "n_queries": 2, "sparsity": 0.5, "sparsity_mode": "random"},
+    {"gaussian_stream": "philox", "optimizer": "zo-adam"},
 ]
 
 
