@@ -139,12 +139,13 @@ def cache_answer_states(model, dataset, collate, batch_size: int) -> tuple[torch
     return torch.cat(got), torch.cat(ys), torch.cat(words)
 
 
-def run_variant_cached(name, args, base_head, cache, seed) -> dict:
+def run_variant_cached(name, args, base_head, cache, seed, sweep: float = 1.0) -> dict:
     import copy
 
     from zo_plugins import ZOOptimizer
 
     cfg, lr_mult = VARIANTS[name]
+    lr_mult *= sweep
     (h_tr, y_tr, _), (h_ev, y_ev, w_ev), label_ids = cache
     head = copy.deepcopy(base_head)
     opt = ZOOptimizer(head, lr=args.lr * lr_mult, eps=args.eps, seed=seed, **cfg)
@@ -218,6 +219,30 @@ def summarize(results: dict, n_eval: int) -> dict:
     return out
 
 
+def markdown_table(report: dict) -> str:
+    """The docs' table: accuracy at each checkpoint, and the forwards each variant needed to
+    reach MeZO's final accuracy."""
+    results, summary = report["results"], report.get("summary") or {}
+    xs = [c["forwards"] for c in next(iter(results.values()))["curve"]]
+    head = "| variant | fwd/step | lr | accuracy at " + " / ".join(map(str, xs)) + " forwards | reaches MeZO's final accuracy at |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, r in results.items():
+        accs = " / ".join(f"{c['accuracy']:.3f}" for c in r["curve"])
+        v = summary.get("variants", {}).get(name, {})
+        hit = v.get("forwards_to_mezo_accuracy")
+        frac = v.get("fraction_of_mezo_budget")
+        reach = "not reached" if hit is None else f"{hit} ({frac:.2f} of MeZO's budget)"
+        lines.append(f"| {name} | {r['forwards_per_step']} | {r['lr']:.3g} | {accs} | {reach} |")
+    if summary:
+        lines.append("")
+        lines.append(
+            f"Zero-shot {summary['start_accuracy']:.3f}; MeZO {summary['mezo_final_accuracy']:.3f} after "
+            f"{summary['mezo_budget_forwards']} forwards, a gain of {summary['mezo_gain_in_standard_errors']:.1f} "
+            f"standard errors ({summary['accuracy_standard_error']:.3f} each)."
+        )
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: pathlib.Path) -> bool:
     try:
         import matplotlib
@@ -259,11 +284,34 @@ def main() -> None:
                          "(exact for this trainable set, ~1000x faster); allows --seeds and big budgets")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--cached: average over these seeds")
     ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
+    ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
+                    help="--cached: run each variant at these multiples of its lr and report its best")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
     ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--plot-dir", type=pathlib.Path, default=ROOT / "docs" / "img")
+    ap.add_argument("--report", type=pathlib.Path, nargs="+", default=None,
+                    help="print the markdown table of results JSONs (same task and settings; later "
+                         "files add variants, e.g. runs made in two sittings), redraw the plot, exit")
     args = ap.parse_args()
+    if args.report is not None:
+        report = json.loads(args.report[0].read_text())
+        for extra in args.report[1:]:
+            more = json.loads(extra.read_text())
+            keys = ("trainable", "lr", "eps", "batch_size", "n_eval", "budget", "seeds")
+            if any(more.get(k) != report.get(k) for k in keys):
+                raise SystemExit(f"{extra} was run with other settings than {args.report[0]}; not merged.")
+            report["results"].update(more["results"])
+        report["summary"] = summarize(report["results"], report["n_eval"])
+        print(markdown_table(report))
+        png = args.plot_dir / (args.report[0].stem + ".png")
+        if plot(report["results"], png):
+            print(f"plot: {png}")
+        if len(args.report) > 1:
+            report["merged_from"] = [str(r) for r in args.report]
+            args.report[0].write_text(json.dumps(report, indent=2))
+            print(f"merged into {args.report[0]}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = {"lora": (1e-4, 1e-2), "full": (1e-6, 1e-3), "norms": (3e-4, 1e-2), "final-norm": (1e-2, 1e-2)}
@@ -304,12 +352,25 @@ def main() -> None:
         print(f"cached evaluation equals the full model's: accuracy {acc:.4f} ({full['accuracy']:.4f}), "
               f"loss {loss:.5f} ({full['loss']:.5f})")
         per_seed = []
+        sweep = args.lr_sweep or [1.0]
         for seed in args.seeds or [args.seed]:
             per_seed.append({})
             for name in args.variants:
-                r = per_seed[-1][name] = run_variant_cached(name, args, base_head, cache, seed)
-                print(f"  seed {seed} {name:22s} acc {r['curve'][0]['accuracy']:.3f} -> {r['curve'][-1]['accuracy']:.3f}", flush=True)
+                for m in sweep:
+                    key = name if len(sweep) == 1 else f"{name}@{m:g}"
+                    r = per_seed[-1][key] = run_variant_cached(name, args, base_head, cache, seed, m)
+                    print(f"  seed {seed} {key:26s} acc {r['curve'][0]['accuracy']:.3f} -> "
+                          f"{r['curve'][-1]['accuracy']:.3f}", flush=True)
         results = mean_curves(per_seed)
+        if len(sweep) > 1:
+            # each variant at its best learning rate of the sweep (highest mean final accuracy;
+            # chosen on the evaluation split for every variant alike, MeZO included)
+            args.sweep_results = results
+            best = {}
+            for name in args.variants:
+                key = max((f"{name}@{m:g}" for m in sweep), key=lambda k: results[k]["curve"][-1]["accuracy"])
+                best[name] = {**results[key], "lr_sweep_choice": key}
+            results = best
     else:
         del model
         for name in args.variants:
@@ -327,7 +388,9 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
               "cached": args.cached, "seeds": args.seeds or [args.seed],
               "train_pool": args.train_pool if args.cached else None,
               "lr": args.lr, "eps": args.eps, "batch_size": args.batch_size, "n_eval": args.n_eval,
-              "threads": torch.get_num_threads(), "complete": final, "results": results, "summary": summary}
+              "lr_sweep": args.lr_sweep if args.cached else None,
+              "threads": torch.get_num_threads(), "complete": final, "results": results, "summary": summary,
+              "sweep_results": getattr(args, "sweep_results", None)}
     args.output.mkdir(parents=True, exist_ok=True)
     tag = f"{args.trainable}{'-cached' if args.cached else ''}"
     out = args.output / f"convergence-{tag}.json"
@@ -339,6 +402,7 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
         frac = "-" if v["fraction_of_mezo_budget"] is None else f"{v['fraction_of_mezo_budget']:.2f}"
         hit = "-" if v["forwards_to_mezo_accuracy"] is None else str(v["forwards_to_mezo_accuracy"])
         print(f"{name:22s} {v['final_accuracy']:9.3f} {hit:>16s} {frac:>9s}")
+    print("\n" + markdown_table(report) + "\n")
     if summary:
         print(f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
               f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)")
