@@ -155,3 +155,18 @@ def test_rule_kernel_magnitude_mask_matches_the_pytorch_mask(rule):
     outside = theta.abs() > thr
     assert_bitwise(b.param[outside], theta[outside], "weights outside the mask")
     assert int((b.param != theta).sum()) == 150
+
+
+@pytest.mark.parametrize("rule", ["sign", "momentum", "adam"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_rule_kernel_lr_zero_leaves_weights_bit_identical(rule, dtype):
+    theta, _, b = _pair((3, 50), dtype)
+    st = init_state(rule, b.param)
+    for t in (1, 2):
+        triton_rule_update_foreach_(
+            [b], rule=rule, restore=[], grads=[(S1 + t, 0.9)], lr=0.0, weight_decay=0.1, states=[st],
+            steps=[t], distribution="gaussian", round_seed=S2, **HYPER,
+        )
+    assert_bitwise(b.param, theta, f"{rule} {dtype} lr=0")
+    for v in st.values():
+        assert torch.count_nonzero(v) > 0, "the state still accumulates"
