@@ -335,10 +335,18 @@ def main() -> None:
         if args.trainable != "final-norm":
             raise SystemExit(f"--cached is exact for --trainable final-norm only, not {args.trainable!r}.")
         t0 = time.perf_counter()
-        pool = ex.PromptDataset(splits.train[: args.train_pool], tok, label_ids, args.max_length)
-        cache = (cache_answer_states(model, pool, data[4], args.eval_batch_size),
-                 cache_answer_states(model, data[3], data[4], args.eval_batch_size), label_ids)
-        print(f"cached {len(pool)} training and {len(data[3])} evaluation states in {time.perf_counter() - t0:.0f} s")
+        key = f"pool{args.train_pool}-eval{args.n_eval}-len{args.max_length}-seed{args.seed}"
+        cache_file = args.cache_dir / f"convergence-states-{key}.pt"
+        if cache_file.exists():
+            states = torch.load(cache_file, weights_only=True)
+        else:
+            pool = ex.PromptDataset(splits.train[: args.train_pool], tok, label_ids, args.max_length)
+            states = [cache_answer_states(model, pool, data[4], args.eval_batch_size),
+                      cache_answer_states(model, data[3], data[4], args.eval_batch_size)]
+            torch.save(states, cache_file)
+        cache = (*states, label_ids)
+        print(f"cached {len(states[0][0])} training and {len(states[1][0])} evaluation states in "
+              f"{time.perf_counter() - t0:.0f} s ({cache_file})")
         base_head = FinalNormHead(model)
         # the cached path must evaluate exactly what the full model evaluates
         full = ex.evaluate(model, data[3], data[4], label_ids, args.eval_batch_size)

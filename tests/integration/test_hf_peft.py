@@ -83,3 +83,26 @@ def test_lora_dropout_sees_the_same_masks_in_both_forwards():
     ).item()
     # Llama's RMSNorm computes in float32, so the match is to ~1e-4 (see test_hf_models)
     assert est.projected_grads[0] == pytest.approx(expected, rel=1e-3)
+
+
+def test_forward_grad_on_a_lora_model_is_autograds_directional_derivative():
+    model = peft_model("lora").double()
+    model.eval()  # forward-mode AD with LoRA dropout off: the exact derivative of one function
+    ids = torch.randint(2, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn():
+        logits = model(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+
+    before = params_snapshot(model)
+    opt = ZOOptimizer(model, lr=0.0, estimator="forward-grad", n_queries=2)
+    est = opt.estimate(loss_fn)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(), params)
+    for q in range(2):
+        expected = sum(
+            (g * materialize_direction(opt, p, step=0, query=q).double()).sum() for g, p in zip(grads, params)
+        ).item()
+        assert est.projected_grads[q] == pytest.approx(expected, rel=1e-4)
+    after = params_snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
