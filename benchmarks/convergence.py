@@ -37,6 +37,7 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     "mezo-sphere": ({"distribution": "sphere"}, 1.0),
     "forward": ({"estimator": "forward", "n_queries": 2}, 1.0),
     "forward-grad": ({"estimator": "forward-grad"}, 1.0),
+    "forward-grad-lr0.3": ({"estimator": "forward-grad"}, 0.3),
     "spsa-q4": ({"n_queries": 4}, 1.0),
     "rank-q4": ({"estimator": "rank", "n_queries": 4}, 1.0),
     "momentum": ({"optimizer": "zo-sgd-momentum", "momentum": 0.9}, 0.1),
@@ -298,7 +299,7 @@ def main() -> None:
         report = json.loads(args.report[0].read_text())
         for extra in args.report[1:]:
             more = json.loads(extra.read_text())
-            keys = ("trainable", "lr", "eps", "batch_size", "n_eval", "budget", "seeds")
+            keys = ("trainable", "lr", "eps", "batch_size", "n_eval", "seeds")  # budgets may differ
             if any(more.get(k) != report.get(k) for k in keys):
                 raise SystemExit(f"{extra} was run with other settings than {args.report[0]}; not merged.")
             report["results"].update(more["results"])
