@@ -104,7 +104,7 @@ class FinalNormHead(torch.nn.Module):
     ``h`` the final norm's input at the answer position.  With every weight but the final
     norm's frozen, ``h`` never changes, and the norm (per position) and the head read only that
     position's ``h``: the objective and the evaluation are the full model's, to float rounding,
-    at ~1/1000 of the cost of a forward.  The ZO optimizer sees one trainable tensor
+    at a small fraction of the cost of a forward.  The ZO optimizer sees one trainable tensor
     (``norm.weight``, 576 elements), as it does on the full model."""
 
     def __init__(self, model):
@@ -293,7 +293,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cached", action="store_true",
                     help="final-norm only: train lm_head(norm(h)) on cached answer-position states "
-                         "(exact for this trainable set, ~1000x faster); allows --seeds and big budgets")
+                         "(exact for this trainable set, ~100x faster); allows --seeds and big budgets")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--cached: average over these seeds")
     ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
     ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
