@@ -293,7 +293,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cached", action="store_true",
                     help="final-norm only: train lm_head(norm(h)) on cached answer-position states "
-                         "(exact for this trainable set, ~100x faster); allows --seeds and big budgets")
+                         "(exact for this trainable set, ~300x faster); allows --seeds and big budgets")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--cached: average over these seeds")
     ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
     ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
