@@ -236,7 +236,10 @@ def markdown_table(report: dict) -> str:
     head = "| variant | fwd/step | lr | accuracy at " + " / ".join(map(str, xs)) + " forwards | reaches MeZO's final accuracy at |"
     lines = [head, "|---|---|---|---|---|"]
     for name, r in results.items():
-        accs = " / ".join(f"{c['accuracy']:.3f}" for c in r["curve"])
+        if [c["forwards"] for c in r["curve"]] == xs:
+            accs = " / ".join(f"{c['accuracy']:.3f}" for c in r["curve"])
+        else:  # other checkpoints (a run with another budget): say where each was taken
+            accs = " / ".join(f"{c['accuracy']:.3f} @{c['forwards']}" for c in r["curve"])
         v = summary.get("variants", {}).get(name, {})
         hit = v.get("forwards_to_mezo_accuracy")
         frac = v.get("fraction_of_mezo_budget")
