@@ -104,7 +104,10 @@ def _zo_rule_kernel(
         active = active & (tl.abs(x) < thresh)
 
     first_counter = start // GROUP
-    d = tl.zeros([ROWS, GROUP], dtype=tl.float32)
+    # d starts at +0 as PyTorch's zero buffer does.  No tl.zeros: it is a standard-library
+    # @jit function whose interpretedness is fixed when triton is first imported, so under
+    # TRITON_INTERPRET it breaks if anything imported triton before the variable was set.
+    d = (local * 0).to(tl.float32)
     for k in tl.static_range(K):
         key = tl.load(row + 8 + k)
         z = direction_tile(first_counter, key, ROWS, GROUP)
