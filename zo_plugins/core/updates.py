@@ -45,6 +45,20 @@ def init_state(rule: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
     return {}
 
 
+def merge_rule_terms(
+    restore: Sequence[Term], grads: Sequence[Term]
+) -> tuple[list[int], dict[int, float], dict[int, float]]:
+    """(seeds in first-mention order, restore coefficient per seed, gradient coefficient per
+    seed): each direction is generated once per pass, whatever the number of terms naming it."""
+    r_coef: dict[int, float] = {}
+    g_coef: dict[int, float] = {}
+    for s, c in restore:
+        r_coef[s] = r_coef.get(s, 0.0) + c
+    for s, c in grads:
+        g_coef[s] = g_coef.get(s, 0.0) + c
+    return list(dict.fromkeys(list(r_coef) + list(g_coef))), r_coef, g_coef
+
+
 def rule_update_(
     spec: ParamSpec,
     *,
@@ -71,13 +85,7 @@ def rule_update_(
     chunks = _Chunks(chunk_size, distribution)
     flat = _flat(spec.param)
     cdt = _compute_dtype(flat)
-    r_coef: dict[int, float] = {}
-    g_coef: dict[int, float] = {}
-    for s, c in restore:
-        r_coef[s] = r_coef.get(s, 0.0) + c
-    for s, c in grads:
-        g_coef[s] = g_coef.get(s, 0.0) + c
-    seeds = list(dict.fromkeys(list(r_coef) + list(g_coef)))
+    seeds, r_coef, g_coef = merge_rule_terms(restore, grads)
     st = {k: v.view(-1) for k, v in state.items()}
     with torch.no_grad():
         for start, n in chunks.ranges(flat.numel()):

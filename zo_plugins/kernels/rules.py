@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..core.passes import ParamSpec
+from ..core.updates import merge_rule_terms
 from .passes import (
     _DTYPE_CODE,
     _auto_block,
@@ -194,13 +195,7 @@ def triton_rule_update_foreach_(
     steps = list(steps) if steps is not None else [1] * len(specs)
     group = _group(distribution)
     need = {"sign": (), "momentum": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}[rule]
-    r_coef: dict[int, float] = {}
-    g_coef: dict[int, float] = {}
-    for s, c in restore:
-        r_coef[s] = r_coef.get(s, 0.0) + c
-    for s, c in grads:
-        g_coef[s] = g_coef.get(s, 0.0) + c
-    seeds = list(dict.fromkeys(list(r_coef) + list(g_coef)))
+    seeds, r_coef, g_coef = merge_rule_terms(restore, grads)
     K = len(seeds)
     b1, b2 = betas
     first = momentum if rule == "momentum" else b1
