@@ -69,6 +69,7 @@ def run_variant(ex, name, args, base_state, data) -> dict:
     from zo_plugins import ZOOptimizer
 
     cfg, lr_mult = VARIANTS[name]
+    lr_mult = args.lr_mult.get(name, lr_mult)
     tok, label_ids, train_ds, eval_ds, collate = data
     model, _ = ex.load_model_and_tokenizer(args.cache_dir)
     model = ex.select_trainable(model, args.trainable, args.lora_rank)
@@ -140,43 +141,241 @@ def cache_answer_states(model, dataset, collate, batch_size: int) -> tuple[torch
     return torch.cat(got), torch.cat(ys), torch.cat(words)
 
 
-def run_variant_cached(name, args, base_head, cache, seed, sweep: float = 1.0) -> dict:
-    import copy
+class FinalNormTask:
+    """The cached final-norm run: one trainable tensor, ``lm_head(norm(h))`` on cached states."""
 
+    def __init__(self, base_head, cache):
+        (self.h_tr, self.y_tr, _), (self.h_ev, self.y_ev, self.w_ev), label_ids = cache
+        self.base_head, self.rows = base_head, torch.tensor(label_ids)
+        self.n_train = len(self.h_tr)
+
+    def fresh(self):
+        import copy
+
+        self.head = copy.deepcopy(self.base_head)
+        return self.head
+
+    def closure(self, idx):
+        h, y = self.h_tr[idx], self.y_tr[idx]
+        # the demo's loss: cross-entropy over the two label words' logits
+        return lambda: torch.nn.functional.cross_entropy(self.head(h, self.rows).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self):
+        logits = self.head(self.h_ev)
+        pred = logits[:, self.rows].argmax(-1)
+        loss = torch.nn.functional.cross_entropy(logits.float(), self.w_ev)  # the label word, full vocabulary
+        return {"accuracy": float((pred == self.y_ev).float().mean()), "loss": float(loss),
+                "predicted_positive": float(pred.float().mean()), "n": len(self.y_ev)}
+
+
+def run_variant_cached(name, args, task, seed, sweep: float = 1.0) -> dict:
     from zo_plugins import ZOOptimizer
 
     cfg, lr_mult = VARIANTS[name]
-    lr_mult *= sweep
-    (h_tr, y_tr, _), (h_ev, y_ev, w_ev), label_ids = cache
-    head = copy.deepcopy(base_head)
-    opt = ZOOptimizer(head, lr=args.lr * lr_mult, eps=args.eps, seed=seed, **cfg)
-    rows = torch.tensor(label_ids)
-
-    @torch.no_grad()
-    def evaluate():
-        logits = head(h_ev)
-        pred = logits[:, rows].argmax(-1)
-        loss = torch.nn.functional.cross_entropy(logits.float(), w_ev)  # the label word, full vocabulary
-        return {"accuracy": float((pred == y_ev).float().mean()), "loss": float(loss),
-                "predicted_positive": float(pred.float().mean()), "n": len(y_ev)}
-
+    lr_mult = args.lr_mult.get(name, lr_mult) * sweep
+    module = task.fresh()
+    opt = ZOOptimizer(module, lr=args.lr * lr_mult, eps=args.eps, seed=seed, **cfg)
     per_step = forwards_per_step(cfg)
     steps = args.budget // per_step
     every = max(1, args.budget // args.checkpoints)
-    order = torch.randperm(len(h_tr), generator=torch.Generator().manual_seed(seed))
-    curve = [{"forwards": 0, **evaluate()}]
+    order = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(seed))
+    curve = [{"forwards": 0, **task.evaluate()}]
+    grads: list[float] = []
     t0, used, next_eval = time.perf_counter(), 0, every
     for step in range(steps):
         idx = order[torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(order)]
-        h, y = h_tr[idx], y_tr[idx]
-        # the demo's loss: cross-entropy over the two label words' logits
-        opt.step(lambda: torch.nn.functional.cross_entropy(head(h, rows).float(), y))
+        opt.step(task.closure(idx))
+        grads.append(abs(opt.last_step.projected_grad))
         used += per_step
         if used >= next_eval or step == steps - 1:
-            curve.append({"forwards": used, **evaluate()})
+            curve.append({"forwards": used, **task.evaluate()})
             next_eval += every
+            if args.verbose:
+                print(f"    {name:22s} x{sweep:g} seed {seed} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  "
+                      f"loss {curve[-1]['loss']:.4f}", flush=True)
+    finite = [g for g in grads if g == g]
     return {"config": cfg, "lr": args.lr * lr_mult, "forwards_per_step": per_step, "steps": steps,
-            "train_time_s": time.perf_counter() - t0, "curve": curve}
+            "train_time_s": time.perf_counter() - t0,
+            # the scale of the scalar each step multiplies z by: ZO-SGD's step per coordinate is
+            # lr * |g| * |z|, sign's and Adam's are ~lr, so this relates their learning rates
+            "mean_abs_projected_grad": sum(finite) / max(1, len(finite)), "curve": curve}
+
+
+# ----------------------------------------------------------------------------- top blocks, exact and fast
+def select_top_blocks(model, trainable: str, k: int, lora_rank: int):
+    """The trainable set of ``--cached --top-blocks K``: LoRA (the main job's: rank r on
+    ``q_proj``/``v_proj``, alpha 2r) on the last K decoder layers only, or every weight of the
+    last K decoder layers and the final norm (``full``).  Everything below layer L-K is frozen,
+    so its output, the input of layer L-K, never changes during training."""
+    n = model.config.num_hidden_layers
+    if not 1 <= k <= n:
+        raise SystemExit(f"--top-blocks {k}: the model has {n} decoder layers; choose 1..{n}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if trainable == "full":
+        for p in model.model.layers[n - k:].parameters():
+            p.requires_grad_(True)
+        model.model.norm.weight.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                     layers_to_transform=list(range(n - k, n)), layers_pattern="layers")
+    return get_peft_model(model, cfg)
+
+
+def decoder(model):
+    """The ``LlamaModel`` inside a causal LM, PEFT-wrapped or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+@torch.no_grad()
+def cache_block_inputs(model, dataset, collate, batch_size: int, k: int) -> list[torch.Tensor]:
+    """Per example, the hidden states entering decoder layer L-K at the example's real
+    (unpadded) positions, ``[n_tokens, hidden]``."""
+    inner = decoder(model)
+    layer = inner.layers[model.config.num_hidden_layers - k]
+    got: list[torch.Tensor] = []
+    seen = []
+
+    def hook(mod, a, kw):
+        seen.append((a[0] if a else kw["hidden_states"]).detach())
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model.eval()
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            seen.clear()
+            model(**batch)
+            (h,) = seen
+            for row, m in zip(h, batch["attention_mask"].bool()):
+                got.append(row[m].clone())
+    finally:
+        handle.remove()
+    return got
+
+
+class StateDataset(torch.utils.data.Dataset):
+    """Cached block inputs in place of token ids; ``items`` mirrors ``PromptDataset.items``
+    (``(…, class)``) so the example's ``evaluate`` runs on it unchanged."""
+
+    def __init__(self, states: list[torch.Tensor], ys: list[int], words: list[int]):
+        self.states, self.words = states, words
+        self.items = [(None, y) for y in ys]
+
+    def __len__(self):
+        return len(self.states)
+
+    def __getitem__(self, i):
+        return {"h": self.states[i], "word": self.words[i]}
+
+
+def state_collate(batch):
+    """The example's collator for cached states: left-pads to the longest, the same mask and
+    position ids, ``inputs_embeds`` in place of ``input_ids`` (the top-K model's first layer is
+    layer L-K, so its input embeddings are that layer's input)."""
+    width = max(len(b["h"]) for b in batch)
+    dim = batch[0]["h"].shape[-1]
+    h = torch.zeros((len(batch), width, dim), dtype=batch[0]["h"].dtype)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["h"])
+        h[i, width - n:] = b["h"]
+        mask[i, width - n:] = 1
+    labels = torch.full((len(batch), 2), -100, dtype=torch.long)
+    labels[:, 1] = torch.tensor([b["word"] for b in batch])
+    return {"inputs_embeds": h, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "labels": labels, "logits_to_keep": 2}
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a frozen decoder layer whose output is cached: passes its input through."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class TopBlocksTask:
+    """The cached LoRA / full run on the last K decoder layers: the model's own forward with its
+    layer list cut to the last K (shared modules, not copies) on cached layer-(L-K) inputs.  The
+    ZO optimizer sees exactly the trainable tensors the full model has."""
+
+    def __init__(self, ex, model, k: int, train: StateDataset, eval_ds: StateDataset, label_ids, eval_batch_size):
+        self.ex, self.model, self.k = ex, model, k
+        self.train, self.eval_ds, self.label_ids, self.eval_batch_size = train, eval_ds, label_ids, eval_batch_size
+        self.n_train = len(train)
+        inner = decoder(model)
+        self.all_layers = inner.layers
+        # the frozen layers below are skipped, not removed: every trainable tensor keeps its
+        # qualified name (``…layers.28.…``), so ZOOptimizer derives the same directions from it
+        # as on the whole model, and a cut run takes the whole model's steps
+        n = len(inner.layers)
+        self.top_layers = torch.nn.ModuleList([_Skip() for _ in range(n - k)] + list(inner.layers)[n - k:])
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.initial = [p.detach().clone() for p in self.trainable]
+        self.label_ids = list(label_ids)
+        self.top()
+
+    def top(self):
+        decoder(self.model).layers = self.top_layers
+
+    def full(self):
+        decoder(self.model).layers = self.all_layers
+
+    def fresh(self):
+        with torch.no_grad():
+            for p, p0 in zip(self.trainable, self.initial):
+                p.copy_(p0)
+        self.model.train()
+        return self.model
+
+    def answer_states(self, batch) -> torch.Tensor:
+        """The final norm's output at the answer position (the model's own layers and norm)."""
+        out = decoder(self.model)(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], use_cache=False)
+        return out.last_hidden_state[:, -2]
+
+    def closure(self, idx):
+        batch = state_collate([self.train[int(i)] for i in idx])
+        y = (batch["labels"][:, 1] == self.label_ids[1]).long()
+        rows = self.model.get_output_embeddings().weight[self.label_ids]
+        # the demo's loss (cross-entropy over the two label words' logits), with the head's two
+        # label rows as one 2-D product: the full-vocabulary head through ``bmm`` would cost more
+        # than the two blocks
+        return lambda: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(self.answer_states(batch), rows).float(), y)
+
+    @torch.no_grad()
+    def evaluate(self):
+        """``ex.evaluate``'s numbers (accuracy over the label words, the label word's loss over the
+        full vocabulary) from one 2-D head product per batch."""
+        self.model.eval()
+        head = self.model.get_output_embeddings().weight
+        correct = pos = n = 0
+        loss = 0.0
+        for start in range(0, len(self.eval_ds), self.eval_batch_size):
+            batch = state_collate([self.eval_ds[i] for i in range(start, min(start + self.eval_batch_size, len(self.eval_ds)))])
+            logits = torch.nn.functional.linear(self.answer_states(batch), head).float()
+            y = torch.tensor([self.eval_ds.items[i][1] for i in range(start, start + len(logits))])
+            pred = logits[:, self.label_ids].argmax(-1)
+            correct += int((pred == y).sum())
+            pos += int(pred.sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1], reduction="sum"))
+            n += len(logits)
+        self.model.train()
+        return {"accuracy": correct / n, "loss": loss / n, "predicted_positive": pos / n, "n": n}
+
+
+def check_same(what: str, cached: dict, full: dict, n: int) -> None:
+    """A cached evaluation must be the full model's, to float rounding."""
+    if abs(cached["accuracy"] - full["accuracy"]) > 1.5 / n or abs(cached["loss"] - full["loss"]) > 1e-3 * max(1.0, full["loss"]):
+        raise SystemExit(f"{what}: cached evaluation {cached['accuracy']:.4f}/{cached['loss']:.5f} != full model "
+                         f"{full['accuracy']:.4f}/{full['loss']:.5f}")
+    print(f"{what}: cached evaluation equals the full model's: accuracy {cached['accuracy']:.4f} "
+          f"({full['accuracy']:.4f}), loss {cached['loss']:.5f} ({full['loss']:.5f})", flush=True)
 
 
 def mean_curves(per_seed: list[dict]) -> dict:
@@ -295,8 +494,16 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cached", action="store_true",
-                    help="final-norm only: train lm_head(norm(h)) on cached answer-position states "
-                         "(exact for this trainable set, ~300x faster); allows --seeds and big budgets")
+                    help="final-norm: train lm_head(norm(h)) on cached answer-position states (exact, "
+                         "~300x faster); lora/full: train the last --top-blocks layers on their cached "
+                         "inputs (exact for that trainable set); allows --seeds, --lr-sweep and big budgets")
+    ap.add_argument("--top-blocks", type=int, default=2,
+                    help="--cached lora/full: LoRA on / every weight of the last K decoder layers (+ final "
+                         "norm for full)")
+    ap.add_argument("--lr-mult", nargs="+", default=[], metavar="VARIANT=M",
+                    help="override a variant's lr multiplier (relative to --lr), e.g. sign=0.01")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--verbose", action="store_true", help="print every checkpoint of every run")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--cached: average over these seeds")
     ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
     ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
@@ -313,7 +520,7 @@ def main() -> None:
         report = json.loads(args.report[0].read_text())
         for extra in args.report[1:]:
             more = json.loads(extra.read_text())
-            keys = ("trainable", "lr", "eps", "batch_size", "n_eval", "seeds")  # budgets may differ
+            keys = ("trainable", "top_blocks", "lr", "eps", "batch_size", "n_eval", "seeds")  # budgets may differ
             if any(more.get(k) != report.get(k) for k in keys):
                 raise SystemExit(f"{extra} was run with other settings than {args.report[0]}; not merged.")
             report["results"].update(more["results"])
@@ -327,6 +534,13 @@ def main() -> None:
             args.report[0].write_text(json.dumps(report, indent=2))
             print(f"merged into {args.report[0]}")
         return
+    mults = {}
+    for item in args.lr_mult:
+        name, _, value = item.partition("=")
+        if name not in VARIANTS or not value:
+            raise SystemExit(f"--lr-mult {item!r}: expected VARIANT=MULTIPLIER with VARIANT one of {list(VARIANTS)}.")
+        mults[name] = float(value)
+    args.lr_mult = mults
     if args.threads:
         torch.set_num_threads(args.threads)
     defaults = {"lora": (1e-4, 1e-2), "full": (1e-6, 1e-3), "norms": (3e-4, 1e-2), "final-norm": (1e-2, 1e-2)}
@@ -342,48 +556,87 @@ def main() -> None:
     data = (tok, label_ids, ex.PromptDataset(splits.train, tok, label_ids, args.max_length),
             ex.PromptDataset(splits.eval, tok, label_ids, args.max_length), ex.make_collator(tok.pad_token_id))
     torch.manual_seed(args.seed)  # the same adapter initialisation for every variant
-    model = ex.select_trainable(model, args.trainable, args.lora_rank)
+    if args.cached and args.trainable in ("lora", "full"):
+        model = select_top_blocks(model, args.trainable, args.top_blocks, args.lora_rank)
+    else:
+        model = ex.select_trainable(model, args.trainable, args.lora_rank)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    args.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     results = {}
     if args.cached:
-        if args.trainable != "final-norm":
-            raise SystemExit(f"--cached is exact for --trainable final-norm only, not {args.trainable!r}.")
+        if args.trainable not in ("final-norm", "lora", "full"):
+            raise SystemExit(f"--cached is exact for --trainable final-norm, lora or full (on the last "
+                             f"--top-blocks layers), not {args.trainable!r}.")
         t0 = time.perf_counter()
         key = f"pool{args.train_pool}-eval{args.n_eval}-len{args.max_length}-seed{args.seed}"
-        cache_file = args.cache_dir / f"convergence-states-{key}.pt"
-        if cache_file.exists():
-            states = torch.load(cache_file, weights_only=True)
+        pool = ex.PromptDataset(splits.train[: args.train_pool], tok, label_ids, args.max_length)
+        if args.trainable == "final-norm":
+            cache_file = args.cache_dir / f"convergence-states-{key}.pt"
+            if cache_file.exists():
+                states = torch.load(cache_file, weights_only=True)
+            else:
+                states = [cache_answer_states(model, pool, data[4], args.eval_batch_size),
+                          cache_answer_states(model, data[3], data[4], args.eval_batch_size)]
+                torch.save(states, cache_file)
+            cache = (*states, label_ids)
+            n_cached = (len(states[0][0]), len(states[1][0]))
+            task = FinalNormTask(FinalNormHead(model), cache)
         else:
-            pool = ex.PromptDataset(splits.train[: args.train_pool], tok, label_ids, args.max_length)
-            states = [cache_answer_states(model, pool, data[4], args.eval_batch_size),
-                      cache_answer_states(model, data[3], data[4], args.eval_batch_size)]
-            torch.save(states, cache_file)
-        cache = (*states, label_ids)
-        print(f"cached {len(states[0][0])} training and {len(states[1][0])} evaluation states in "
-              f"{time.perf_counter() - t0:.0f} s ({cache_file})")
-        base_head = FinalNormHead(model)
-        # the cached path must evaluate exactly what the full model evaluates
-        full = ex.evaluate(model, data[3], data[4], label_ids, args.eval_batch_size)
-        h_ev, y_ev, w_ev = cache[1]
-        with torch.no_grad():
-            logits = base_head(h_ev)
-        acc = float((logits[:, label_ids].argmax(-1) == y_ev).float().mean())
-        loss = float(torch.nn.functional.cross_entropy(logits, w_ev))
-        if abs(acc - full["accuracy"]) > 1.5 / len(y_ev) or abs(loss - full["loss"]) > 1e-3 * max(1.0, full["loss"]):
-            raise SystemExit(f"cached evaluation {acc:.4f}/{loss:.5f} != full model {full['accuracy']:.4f}/{full['loss']:.5f}")
-        print(f"cached evaluation equals the full model's: accuracy {acc:.4f} ({full['accuracy']:.4f}), "
-              f"loss {loss:.5f} ({full['loss']:.5f})")
-        per_seed = []
+            cache_file = args.cache_dir / f"convergence-block-inputs-top{args.top_blocks}-{key}.pt"
+            if cache_file.exists():
+                states = torch.load(cache_file, weights_only=True)
+            else:
+                states = [cache_block_inputs(model, pool, data[4], args.eval_batch_size, args.top_blocks),
+                          cache_block_inputs(model, data[3], data[4], args.eval_batch_size, args.top_blocks)]
+                torch.save(states, cache_file)
+            sets = [StateDataset(st, [y for _, y in ds.items], [ids[-1] for ids, _ in ds.items])
+                    for st, ds in zip(states, (pool, data[3]))]
+            n_cached = (len(sets[0]), len(sets[1]))
+            task = TopBlocksTask(ex, model, args.top_blocks, sets[0], sets[1], label_ids, args.eval_batch_size)
+        print(f"cached {n_cached[0]} training and {n_cached[1]} evaluation states in "
+              f"{time.perf_counter() - t0:.0f} s ({cache_file}); {args.trainable_params} trainable parameters",
+              flush=True)
+
+        def full_model_eval():
+            """The real model (every layer, real token ids) on the evaluation split."""
+            if isinstance(task, TopBlocksTask):
+                task.full()
+            try:
+                return ex.evaluate(model, data[3], data[4], label_ids, args.eval_batch_size)
+            finally:
+                if isinstance(task, TopBlocksTask):
+                    task.top()
+                    model.train()
+
+        # the cached path must evaluate exactly what the full model evaluates: before training,
+        # and (for the top-blocks path, whose weights are the model's own) after the first run
+        task.fresh()
+        check_same("before training", task.evaluate(), full_model_eval(), n_cached[1])
+        if isinstance(task, TopBlocksTask):  # and the training loss is the demo's objective on the real model
+            idx = torch.arange(args.batch_size)
+            with torch.no_grad():
+                cached_loss = float(task.closure(idx)())
+                task.full()
+                real_loss = float(ex.label_word_objective(label_ids)(model, data[4]([pool[int(i)] for i in idx])))
+                task.top()
+            if abs(cached_loss - real_loss) > 1e-4 * max(1.0, abs(real_loss)):
+                raise SystemExit(f"cached training loss {cached_loss:.6f} != the real model's {real_loss:.6f}")
+            print(f"cached training loss equals the real model's: {cached_loss:.6f} ({real_loss:.6f})", flush=True)
+        per_seed, checked_trained = [], False
         sweep = args.lr_sweep or [1.0]
         for seed in args.seeds or [args.seed]:
             per_seed.append({})
             for name in args.variants:
                 for m in sweep:
                     key = name if len(sweep) == 1 else f"{name}@{m:g}"
-                    r = per_seed[-1][key] = run_variant_cached(name, args, base_head, cache, seed, m)
+                    r = per_seed[-1][key] = run_variant_cached(name, args, task, seed, m)
                     print(f"  seed {seed} {key:26s} acc {r['curve'][0]['accuracy']:.3f} -> "
-                          f"{r['curve'][-1]['accuracy']:.3f}", flush=True)
+                          f"{r['curve'][-1]['accuracy']:.3f}  ({r['train_time_s']:.0f} s)", flush=True)
+                    if isinstance(task, TopBlocksTask) and not checked_trained:
+                        check_same(f"after {key}, seed {seed}", r["curve"][-1], full_model_eval(), n_cached[1])
+                        checked_trained = True
+                    write_partial(args, per_seed)
         results = mean_curves(per_seed)
         if len(sweep) > 1:
             # each variant at its best learning rate of the sweep (highest mean final accuracy;
@@ -403,6 +656,23 @@ def main() -> None:
     write_report(args, results, len(data[3]), final=True)
 
 
+def top_blocks(args) -> int | None:
+    return args.top_blocks if args.cached and args.trainable in ("lora", "full") else None
+
+
+def report_tag(args) -> str:
+    k = top_blocks(args)
+    tag = args.trainable + ("" if k is None else f"-top{k}") + ("-cached" if args.cached else "")
+    return tag + (f"-{args.tag}" if args.tag else "")
+
+
+def write_partial(args, per_seed: list[dict]) -> None:
+    """Every finished run so far (a long sweep that is stopped keeps what it did)."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"convergence-{report_tag(args)}.partial.json"
+    out.write_text(json.dumps({"lr": args.lr, "eps": args.eps, "runs": per_seed}, indent=1))
+
+
 def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     """Write the JSON (after every variant, so a long run that is stopped keeps what it did);
     at the end also the table and the plot."""
@@ -412,11 +682,11 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
               "train_pool": args.train_pool if args.cached else None,
               "lr": args.lr, "eps": args.eps, "batch_size": args.batch_size, "n_eval": args.n_eval,
               "lr_sweep": args.lr_sweep if args.cached else None,
+              "top_blocks": top_blocks(args), "trainable_params": getattr(args, "trainable_params", None),
               "threads": torch.get_num_threads(), "complete": final, "results": results, "summary": summary,
               "sweep_results": getattr(args, "sweep_results", None)}
     args.output.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.trainable}{'-cached' if args.cached else ''}"
-    out = args.output / f"convergence-{tag}.json"
+    out = args.output / f"convergence-{report_tag(args)}.json"
     out.write_text(json.dumps(report, indent=2))
     if not final:
         return
@@ -429,7 +699,7 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     if summary:
         print(f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
               f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)")
-    png = args.plot_dir / f"convergence-{tag}.png"
+    png = args.plot_dir / f"convergence-{report_tag(args)}.png"
     if plot(results, png):
         print(f"plot: {png}")
     print(f"wrote {out}")
