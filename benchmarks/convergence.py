@@ -397,7 +397,11 @@ def mean_curves(per_seed: list[dict]) -> dict:
     return out
 
 
-def summarize(results: dict, n_eval: int) -> dict:
+def first_hit(curve: list[dict], target: float) -> int | None:
+    return next((c["forwards"] for c in curve if c["forwards"] > 0 and c["accuracy"] >= target), None)
+
+
+def summarize(results: dict, n_eval: int, sweep: dict | None = None) -> dict:
     if "mezo" not in results:
         return {}
     start = results["mezo"]["curve"][0]["accuracy"]
@@ -416,14 +420,31 @@ def summarize(results: dict, n_eval: int) -> dict:
         for name, r in results.items()
     }
     out["mezo_forwards_to_own_final_accuracy"] = first["mezo"]
+    # with a learning-rate sweep, a variant's (and MeZO's) fastest route to the target over every
+    # learning rate it ran: MeZO at a larger learning rate may itself get there much sooner than
+    # at the learning rate with the best final accuracy, and a variant's "speed-up" should be
+    # measured against that
+    fastest: dict[str, tuple[int | None, str | None]] = {}
+    for name in results:
+        runs = {k: r for k, r in (sweep or {}).items() if k.rsplit("@", 1)[0] == name}
+        hits = [(h, k) for k, r in runs.items() if (h := first_hit(r["curve"], target)) is not None]
+        fastest[name] = min(hits) if hits else (None, None)
+    if sweep:
+        out["mezo_fastest_over_lr_sweep"] = {"forwards": fastest["mezo"][0], "run": fastest["mezo"][1]}
     for name, r in results.items():
         hit = first[name]
         out["variants"][name] = {
             "final_accuracy": r["curve"][-1]["accuracy"],
             "forwards_to_mezo_accuracy": hit,
             "fraction_of_mezo_budget": None if hit is None else hit / budget,
-            "speedup_vs_mezo_first_hit": None if hit is None else first["mezo"] / hit,
+            "speedup_vs_mezo_first_hit": None if hit is None or first["mezo"] is None else first["mezo"] / hit,
         }
+        if sweep:
+            f, mf = fastest[name][0], fastest["mezo"][0]
+            out["variants"][name].update({
+                "fastest_over_lr_sweep": f, "fastest_run": fastest[name][1],
+                "speedup_vs_fastest_mezo": None if f is None or mf is None else mf / f,
+            })
     return out
 
 
@@ -432,8 +453,9 @@ def markdown_table(report: dict) -> str:
     reach MeZO's final accuracy."""
     results, summary = report["results"], report.get("summary") or {}
     xs = [c["forwards"] for c in next(iter(results.values()))["curve"]]
+    swept = "mezo_fastest_over_lr_sweep" in summary
     head = "| variant | fwd/step | lr | accuracy at " + " / ".join(map(str, xs)) + " forwards | reaches MeZO's final accuracy at |"
-    lines = [head, "|---|---|---|---|---|"]
+    lines = [head + (" fastest over its lr sweep |" if swept else ""), "|---|---|---|---|---|" + ("---|" if swept else "")]
     for name, r in results.items():
         if [c["forwards"] for c in r["curve"]] == xs:
             accs = " / ".join(f"{c['accuracy']:.3f}" for c in r["curve"])
@@ -443,8 +465,14 @@ def markdown_table(report: dict) -> str:
         hit = v.get("forwards_to_mezo_accuracy")
         frac = v.get("fraction_of_mezo_budget")
         speed = v.get("speedup_vs_mezo_first_hit")
-        reach = "not reached" if hit is None else f"{hit} ({frac:.2f} of MeZO's budget; {speed:.2f}x MeZO's own first hit)"
-        lines.append(f"| {name} | {r['forwards_per_step']} | {r['lr']:.3g} | {accs} | {reach} |")
+        reach = "not reached" if hit is None else (
+            f"{hit} ({frac:.2f} of MeZO's budget" + ("" if speed is None else f"; {speed:.2f}x MeZO's own first hit") + ")")
+        row = f"| {name} | {r['forwards_per_step']} | {r['lr']:.3g} | {accs} | {reach} |"
+        if swept:
+            f, run, sp = v.get("fastest_over_lr_sweep"), v.get("fastest_run"), v.get("speedup_vs_fastest_mezo")
+            row += " not reached |" if f is None else (
+                f" {f} ({run}" + ("" if sp is None else f"; {sp:.2f}x the fastest MeZO") + ") |")
+        lines.append(row)
     if summary:
         lines.append("")
         lines.append(
@@ -452,6 +480,9 @@ def markdown_table(report: dict) -> str:
             f"{summary['mezo_budget_forwards']} forwards (first reached after "
             f"{summary['mezo_forwards_to_own_final_accuracy']}), a gain of "
             f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)."
+            + ("" if not swept else
+               f" Over its learning-rate sweep MeZO reaches that accuracy fastest after "
+               f"{summary['mezo_fastest_over_lr_sweep']['forwards']} forwards ({summary['mezo_fastest_over_lr_sweep']['run']}).")
         )
     return "\n".join(lines)
 
@@ -524,15 +555,21 @@ def main() -> None:
             if any(more.get(k) != report.get(k) for k in keys):
                 raise SystemExit(f"{extra} was run with other settings than {args.report[0]}; not merged.")
             report["results"].update(more["results"])
-        report["summary"] = summarize(report["results"], report["n_eval"])
+        sweeps = [report.get("sweep_results") or {}]
+        for extra in args.report[1:]:
+            sweeps.append(json.loads(extra.read_text()).get("sweep_results") or {})
+        merged_sweep = {k: v for sw in sweeps for k, v in sw.items()} or None
+        if merged_sweep:
+            report["sweep_results"] = merged_sweep
+        report["summary"] = summarize(report["results"], report["n_eval"], merged_sweep)
         print(markdown_table(report))
         png = args.plot_dir / (args.report[0].stem + ".png")
         if plot(report["results"], png):
             print(f"plot: {png}")
         if len(args.report) > 1:
             report["merged_from"] = [str(r) for r in args.report]
-            args.report[0].write_text(json.dumps(report, indent=2))
-            print(f"merged into {args.report[0]}")
+        args.report[0].write_text(json.dumps(report, indent=2))  # with the summary recomputed
+        print(f"wrote {args.report[0]}")
         return
     mults = {}
     for item in args.lr_mult:
@@ -676,7 +713,7 @@ def write_partial(args, per_seed: list[dict]) -> None:
 def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     """Write the JSON (after every variant, so a long run that is stopped keeps what it did);
     at the end also the table and the plot."""
-    summary = summarize(results, n_eval)
+    summary = summarize(results, n_eval, getattr(args, "sweep_results", None))
     report = {"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable, "budget": args.budget,
               "cached": args.cached, "seeds": args.seeds or [args.seed],
               "train_pool": args.train_pool if args.cached else None,
