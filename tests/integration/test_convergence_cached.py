@@ -74,16 +74,13 @@ def _setup(conv, ex, trainable):
     states = [conv.cache_block_inputs(model, ds, collate, 8, 2) for ds in (train, evals)]
     sets = [conv.StateDataset(st, [y for _, y in ds.items], [ids[-1] for ids, _ in ds.items])
             for st, ds in zip(states, (train, evals))]
-    task = conv.TopBlocksTask(ex, model, 2, sets[0], sets[1], LABELS, 8)
+    task = conv.TopBlocksTask(model, 2, sets[0], sets[1], LABELS, 8)
     return model, task, collate, train, evals
 
 
 def _full_eval(ex, task, model, evals, collate):
-    task.full()
-    try:
+    with task.whole_model():
         return ex.evaluate(model, evals, collate, LABELS, 8)
-    finally:
-        task.top()
 
 
 @pytest.mark.parametrize("trainable", ["lora", "full"])
@@ -119,9 +116,8 @@ def test_cached_evaluation_and_loss_equal_the_full_model(conv, ex, trainable):
     idx = torch.tensor([3, 0, 17, 9, 4])
     with torch.no_grad():
         cached_loss = float(task.closure(idx)())
-        task.full()
-        real_loss = float(ex.label_word_objective(LABELS)(model, collate([train[int(i)] for i in idx])))
-        task.top()
+        with task.whole_model():
+            real_loss = float(ex.label_word_objective(LABELS)(model, collate([train[int(i)] for i in idx])))
     assert cached_loss == pytest.approx(real_loss, rel=1e-5)
 
 
@@ -141,14 +137,13 @@ def test_zo_steps_on_the_cut_model_equal_steps_on_the_full_model(conv, ex, train
     cut = [p.detach().clone() for p in task.trainable]
 
     task.fresh()
-    task.full()
     objective = ex.label_word_objective(LABELS)
-    opt = ZOOptimizer(model, lr=1e-2, eps=1e-3, seed=11)
-    for idx in batches:
-        batch = collate([train[int(i)] for i in idx])
-        opt.step(lambda: objective(model, batch))
+    with task.whole_model():
+        opt = ZOOptimizer(model, lr=1e-2, eps=1e-3, seed=11)
+        for idx in batches:
+            batch = collate([train[int(i)] for i in idx])
+            opt.step(lambda: objective(model, batch))
     whole = [p.detach().clone() for p in task.trainable]
-    task.top()
 
     moved = max(float((a - b).abs().max()) for a, b in zip(cut, task.initial))
     assert moved > 1e-4  # the steps did something
