@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .core.backend import BACKENDS
 from .core.noise import DISTRIBUTIONS, GAUSSIAN_BLOCK
-from .kernels.backend import BACKENDS
 
 __all__ = [
     "ZOConfig",

@@ -1,11 +1,15 @@
-"""``resolve_backend``: which passes run where (no Triton needed for these tests)."""
+"""``resolve_backend``: which passes run where, and the first-use check that ``auto`` runs
+before it picks the Triton kernels on a device."""
 
 from __future__ import annotations
 
-import pytest
+import logging
 
-from zo_plugins import kernels
-from zo_plugins.kernels import backend
+import pytest
+import torch
+
+from zo_plugins import ZOOptimizer, kernels
+from zo_plugins.core import backend
 
 
 @pytest.fixture
@@ -18,6 +22,7 @@ def no_triton(monkeypatch):
 @pytest.fixture
 def with_triton(monkeypatch):
     monkeypatch.setattr(backend, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(backend, "triton_self_check", lambda device: None)
 
 
 def test_auto_is_torch_on_cpu(with_triton):
@@ -69,3 +74,55 @@ def test_real_triton_detection_matches_import():
     except ImportError:
         expected = False
     assert kernels.triton_available() is expected
+
+
+def test_auto_falls_back_with_the_reason_when_the_first_use_check_fails(monkeypatch, caplog):
+    monkeypatch.setattr(backend, "_triton_import_error", lambda: None)
+    reason = "the first-use check raised RuntimeError: Failed to find C compiler"
+    monkeypatch.setattr(backend, "triton_self_check", lambda device: reason)
+    assert kernels.resolve_backend("auto", "cuda:1") == "torch"
+    p = torch.nn.Parameter(torch.zeros(3))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 1)))
+    with caplog.at_level(logging.WARNING, logger="zo_plugins"):
+        name, _, why = backend.select_backend("auto", [backend.ParamSpec(p, "w", 1)])
+    assert (name, why) == ("torch", reason)
+    assert "not the Triton kernels: " + reason in caplog.text
+
+
+def test_the_first_use_check_passes_on_the_interpreter_and_catches_a_wrong_kernel(monkeypatch):
+    # under TRITON_INTERPRET=1 (this folder's conftest) the kernels run on CPU tensors: the real
+    # check compares every pass with PyTorch and must find them equal ...
+    assert backend._run_self_check(torch.device("cpu")) is None
+    # ... and a kernel that writes a wrong value must be caught, not used
+    from zo_plugins.kernels import passes as kp
+
+    real = kp.triton_update_foreach_
+
+    def off_by_one_ulp(specs, **kw):
+        real(specs, **kw)
+        for s in specs:
+            s.param.data.view(-1)[-1:] = torch.nextafter(s.param.data.view(-1)[-1:], torch.tensor(1.0))
+
+    monkeypatch.setattr(kp, "triton_update_foreach_", off_by_one_ulp)
+    assert "update pass disagrees" in backend._run_self_check(torch.device("cpu"))
+
+
+def test_the_first_use_check_reports_an_exception_instead_of_raising(monkeypatch):
+    monkeypatch.setattr(backend, "_SELF_CHECK", {})
+
+    def boom(device):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(backend, "_run_self_check", boom)
+    assert backend.triton_self_check("cpu") == (
+        "the first-use check raised RuntimeError: Failed to find C compiler. Please specify via CC "
+        "environment variable."
+    )
+
+
+def test_the_optimizer_records_why_it_chose_its_backend():
+    opt = ZOOptimizer([torch.nn.Parameter(torch.zeros(4))], lr=0.1)
+    assert (opt.backend, opt.backend_reason) == (
+        "torch",
+        "the parameters are on cpu and the Triton kernels run on CUDA",
+    )

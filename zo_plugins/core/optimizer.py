@@ -18,17 +18,18 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ZOConfig
+from .backend import Passes, passes_for_masks, select_backend
 from .noise import PHILOX_GAUSSIAN, mix64, step_seed, tensor_key
-from .passes import HALF_DTYPES, ParamSpec, _Chunks, _frozen_slices, perturb_, perturbed_copy, update_
-from .sparsity import MagnitudeMask, sparsity_mask
+from .passes import HALF_DTYPES, ParamSpec, _Chunks, _frozen_slices, perturbed_copy
+from .sparsity import sparsity_mask
 from .trajectory import FORMAT, VERSION, TrajectoryWriter, weights_hash
-from .updates import init_state, rule_update_
+from .updates import init_state
 
 __all__ = ["ZOOptimizer", "ZOStepInfo", "ZOEstimate"]
 
@@ -250,31 +251,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def specs(self) -> list[ParamSpec]:
         return [s for g in self._specs for s in g]
 
-    def _resolve_backend(self) -> tuple[str, _Passes]:
-        from ..kernels.backend import resolve_backend
-
-        devices = {s.param.device for s in self.specs()}
-        name = resolve_backend(self.config.backend, next(iter(devices)))
-        if name == "triton":
-            fp64 = [s.name for s in self.specs() if s.param.dtype == torch.float64]
-            if fp64 and self.config.backend == "triton":
-                raise ValueError(
-                    f"backend='triton' has no float64 kernels ({fp64[0]!r} is float64): use backend='torch'."
-                )
-            if fp64 or len(devices) > 1:
-                name = "torch"
-        if name == "triton":
-            from ..kernels import passes as tk
-            from ..kernels.rules import triton_rule_update_foreach_
-
-            return name, _Passes(
-                tk.triton_perturb_,
-                tk.triton_perturbed_copy,
-                tk.triton_update_,
-                tk.triton_update_foreach_,
-                triton_rule_update_foreach_,
-            )
-        return name, _TORCH_PASSES
+    def _resolve_backend(self) -> tuple[str, Passes]:
+        name, passes, self.backend_reason = select_backend(self.config.backend, self.specs())
+        return name, passes
 
     def _resolve_stream(self) -> str:
         """The stream name the passes draw directions from (``core.noise.STREAMS``)."""
@@ -292,18 +271,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             )
         return PHILOX_GAUSSIAN if choice == "philox" else "gaussian"
 
-    def _passes_for_step(self) -> _Passes:
-        """The backend's passes for this step's masks: Sparse MeZO's magnitude mask runs in the
-        Triton kernels (as a threshold they test in registers); random and user masks
-        (callables) run on the PyTorch passes, which draw the same stream."""
-        if self.backend == "torch":
-            return self._passes
-        masks = [s.mask for s in self.specs() if s.mask is not None]
-        if not masks:
-            return self._passes
-        if all(isinstance(m, MagnitudeMask) for m in masks):
-            return _thresholded(self._passes)
-        return _TORCH_PASSES
+    def _passes_for_step(self) -> Passes:
+        """The backend's passes for this step's masks (``core.backend.passes_for_masks``)."""
+        return passes_for_masks(self.backend, self._passes, self.specs())
 
     def active_specs(self) -> list[ParamSpec]:
         """The tensors this step perturbs and updates (all of them unless ``block_wise``)."""
@@ -974,50 +944,6 @@ def _user_mask(fn, spec: ParamSpec, step: int, inner):
         return own if inner is None else own & inner(start, n)
 
     return mask
-
-
-class _Passes(NamedTuple):
-    """One backend's passes, all with the keyword-only signatures of ``core.passes``;
-    ``update_group`` and ``rule_group`` take a param group's specs at once (one launch per
-    dtype on the Triton backend)."""
-
-    perturb: Callable[..., None]
-    copy: Callable[..., torch.Tensor]
-    update: Callable[..., None]
-    update_group: Callable[..., None]
-    rule_group: Callable[..., None]
-
-
-def _torch_update_group(specs: Sequence[ParamSpec], *, restore, update, decay: float, **kw) -> None:
-    """``update_`` per spec; the restore terms go to the in-place specs only."""
-    for spec in specs:
-        mine = restore if spec.in_place else []
-        if mine or update or decay:
-            update_(spec, restore=mine, update=update, decay=decay, **kw)
-
-
-def _torch_rule_group(specs: Sequence[ParamSpec], *, restore, states, steps, **kw) -> None:
-    for spec, state, t in zip(specs, states, steps):
-        rule_update_(spec, restore=restore if spec.in_place else [], state=state, adam_step=t, **kw)
-
-
-_TORCH_PASSES = _Passes(perturb_, perturbed_copy, update_, _torch_update_group, _torch_rule_group)
-
-
-def _kernel_thresholds(specs: Sequence[ParamSpec]) -> list[float | None]:
-    return [None if s.mask is None else s.mask.kernel_threshold for s in specs]
-
-
-def _thresholded(p: _Passes) -> _Passes:
-    """The Triton passes with each spec's magnitude mask passed as ``magnitude_threshold``."""
-
-    def many(fn):
-        return lambda specs, *a, **kw: fn(specs, *a, magnitude_threshold=_kernel_thresholds(specs), **kw)
-
-    def one(fn):
-        return lambda spec, *a, **kw: fn(spec, *a, magnitude_threshold=_kernel_thresholds([spec])[0], **kw)
-
-    return _Passes(many(p.perturb), one(p.copy), one(p.update), many(p.update_group), many(p.rule_group))
 
 
 class _RngState:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .noise import fill_direction_, mix64, native_blocks_
+from .noise import fill_direction_
+from .rounding import HALF_DTYPES, stochastic_round_
 
 __all__ = [
     "ParamSpec",
@@ -24,12 +25,11 @@ __all__ = [
     "perturb_",
     "perturbed_copy",
     "update_",
-    "stochastic_round_",
+    "store_chunk_",
+    "merge_terms",
 ]
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 Term = tuple[int, float]
-_SR_SALT = 0x5721_0C4A_57D1_C0DE
 
 
 @dataclass
@@ -50,6 +50,21 @@ class ParamSpec:
     @property
     def row_len(self) -> int:
         return self.param.numel() // max(self.param.shape[0], 1) if self.param.dim() else 1
+
+
+def merge_terms(
+    *term_lists: Sequence[Term], restore_scale: float = 1.0
+) -> list[Term]:
+    """Sum the coefficients of each seed over ``term_lists`` (the first list scaled by
+    ``restore_scale``), in first-mention order, dropping zero sums: one direction generation
+    per seed and pass, however many terms name it.  The one place terms are merged (the
+    PyTorch and Triton passes and the in-place shifts all call it)."""
+    merged: dict[int, float] = {}
+    for i, terms in enumerate(term_lists):
+        scale = restore_scale if i == 0 else 1.0
+        for seed, coeff in terms:
+            merged[seed] = merged.get(seed, 0.0) + scale * coeff
+    return [(s, c) for s, c in merged.items() if c != 0.0]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -199,10 +214,7 @@ def update_(
     half = flat.dtype in HALF_DTYPES
     # (1-d)(theta + sum(restore)) + sum(update) = (1-d) theta + sum(merged): one generation
     # of each direction per pass, however many terms mention it.
-    merged: dict[int, float] = {}
-    for seed, coeff in [(s, (1.0 - decay) * c) for s, c in restore] + list(update):
-        merged[seed] = merged.get(seed, 0.0) + coeff
-    terms = [(s, c) for s, c in merged.items() if c != 0.0]
+    terms = merge_terms(restore, update, restore_scale=1.0 - decay)
     with torch.no_grad():
         for start, n in chunks.ranges(flat.numel()):
             cur = flat[start : start + n]
@@ -237,26 +249,6 @@ def store_chunk_(
     if keep is not None:
         x = torch.where(keep, cur.to(x.dtype), x)
     if cur.dtype in HALF_DTYPES and round_seed is not None:
-        stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start, numel=spec.param.numel())
+        stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start)
     else:
         cur.copy_(x)
-
-
-def _uniform(buf: torch.Tensor, gen: torch.Generator) -> None:
-    buf.uniform_(generator=gen)
-
-
-def stochastic_round_(
-    dst: torch.Tensor, x: torch.Tensor, *, seed: int, key: int, offset: int, numel: int
-) -> None:
-    """Store float32 ``x`` into the half-precision ``dst``, rounding up with probability equal
-    to the distance to the lower neighbour over the gap (unbiased: E[dst] = x)."""
-    y = x.to(dst.dtype)
-    yf = y.to(x.dtype)
-    away = torch.where(yf < x, torch.inf, -torch.inf).to(dst.dtype)
-    other = torch.nextafter(y, away)
-    gap = other.to(x.dtype) - yf
-    p = torch.where(gap != 0, (x - yf) / gap, torch.zeros_like(x))  # in [0, 0.5]
-    u = torch.empty_like(x)
-    native_blocks_(u, seed=mix64(seed, key, _SR_SALT), offset=offset, numel=numel, draw=_uniform)
-    dst.copy_(torch.where(u < p, other, y))

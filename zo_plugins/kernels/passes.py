@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..core.passes import ParamSpec
+from ..core.noise import GAUSSIAN_GROUP, RADEMACHER_GROUP, SR_SALT, philox_keys
+from ..core.passes import ParamSpec, merge_terms
 from .philox import direction_tile, round_to_half, round_words_tile
-from .reference import merge_update_terms
-from .streams import GAUSSIAN_GROUP, RADEMACHER_GROUP, SR_SALT, philox_keys
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -422,8 +421,8 @@ def triton_update_foreach_(
     ``restore_out_of_place=True`` it applies to every spec."""
     del chunk_size
     thr = _thresholds(len(specs), magnitude_threshold)
-    with_restore = merge_update_terms(restore, update, decay)
-    without = merge_update_terms([], update, decay)
+    with_restore = merge_terms(restore, update, restore_scale=1.0 - decay)
+    without = merge_terms([], update)
     buckets: dict[bool, list[_Job]] = {True: [], False: []}
     for s, th in zip(specs, thr):
         buckets[bool(restore) and (s.in_place or restore_out_of_place)].append(_spec_job(s, None, th))

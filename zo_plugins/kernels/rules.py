@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.noise import SR_SALT, philox_keys
 from ..core.passes import ParamSpec
 from ..core.updates import merge_rule_terms
 from .passes import (
@@ -46,7 +47,6 @@ from .passes import (
     _tile_tables,
 )
 from .philox import direction_tile, round_to_half, round_words_tile
-from .streams import SR_SALT, philox_keys
 
 __all__ = ["RULE_CODES", "triton_rule_update_foreach_"]
 
