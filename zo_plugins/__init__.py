@@ -1,11 +1,10 @@
 """zo_plugins: zeroth-order (MeZO-style) fine-tuning inside the training loops you already use."""
 
+from ._version import __version__
 from .config import ZOConfig
 from .core.optimizer import ZOEstimate, ZOOptimizer, ZOStepInfo
 from .core.replay import replay
 from .core.trajectory import TrajectoryError, read_trajectory
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ZOConfig",
