@@ -172,6 +172,64 @@ def test_recipes_exist():
             assert any(n.startswith(family) and n.endswith(method) for n in names), (family, method)
 
 
+def test_checkout_recipes_are_the_shipped_ones():
+    from zo_plugins.cli.train import RECIPE_DIR, available_recipes
+
+    assert (ROOT / "recipes").resolve() == RECIPE_DIR == ROOT / "zo_plugins" / "recipes"
+    assert available_recipes() == [p.stem for p in RECIPES]
+
+
+def print_config(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *argv, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "spelling", ["quickstart", "recipe:quickstart", "quickstart.yaml", "--config=quickstart"]
+)
+def test_recipe_by_name(spelling, capsys, tmp_path, monkeypatch):
+    """A bare name (or recipe:NAME) resolves to the shipped recipe from any directory."""
+    monkeypatch.chdir(tmp_path)
+    by_path = print_config(capsys, "--config", str(RECIPES[0].parent / "quickstart.yaml"))
+    argv = [spelling] if spelling.startswith("--") else ["--config", spelling]
+    assert print_config(capsys, *argv) == by_path
+    assert yaml.safe_load(by_path)["model"]["model_name_or_path"] == "smollm2-135m"
+
+
+def test_unknown_recipe_lists_the_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("quikstart", "recipe:quikstart", "recipe:../quickstart"):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "--config", name])
+        expect_one_sentence(e.value.code, f"--config {name!r} is neither a YAML file nor a shipped recipe")
+        assert all(p.stem in e.value.code for p in RECIPES), e.value.code
+
+
+def test_recipe_names_leave_files_and_inline_yaml_alone(tmp_path, monkeypatch):
+    from zo_plugins.cli.train import resolve_recipes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "quickstart").write_text("trainer: {max_steps: 1}\n")  # a local file wins over a recipe
+    inline = "{trainer: {max_steps: 1}}"
+    argv = ["fit", "-c", "quickstart", "--config", inline, "--config", "sub/x.yaml", "--model.lr", "1"]
+    assert resolve_recipes(argv) == argv
+    resolved = resolve_recipes(["fit", "-c", "recipe:quickstart", "--trainer.max_steps", "quickstart"])
+    assert resolved[2] == str(ROOT / "zo_plugins" / "recipes" / "quickstart.yaml")
+    assert resolved[4] == "quickstart", "only --config values are recipe names"
+
+
+@pytest.mark.parametrize("package", ["datasets", "transformers", "jsonargparse"])
+def test_missing_package_names_the_train_extra(package, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, package, None)  # import of it now fails, as if not installed
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", "quickstart", "--print_config"])
+    expect_one_sentence(e.value.code, f"zo-train needs {package}: pip install 'zo-plugins[train]'.")
+
+
 def expect_one_sentence(capsys_or_exc, needle: str) -> None:
     text = str(capsys_or_exc)
     assert needle in text, text

@@ -27,10 +27,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from . import INSTALL_TRAIN
+
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - exercised only without lightning
-    raise ImportError("zo-train needs Lightning: pip install 'zo-plugins[lightning,hf]'.") from e
+    raise ImportError(f"zo-train needs Lightning: {INSTALL_TRAIN}.") from e
 
 __all__ = [
     "ConfigError",
@@ -50,6 +52,14 @@ TASKS = ("prompt-classification", "sequence-classification", "causal-lm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_ALIASES = {"smollm2-135m": "smollm2_path"}
 """Names that resolve to the offline assets of ``zo_plugins.assets`` instead of the Hub."""
+
+
+def _require(name: str) -> Any:
+    """Import ``name`` (transformers, datasets), or say which extra brings it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise ImportError(f"zo-train's model and data modules need {name}: {INSTALL_TRAIN}.") from e
 
 
 def resolve_model_path(name: str) -> str:
@@ -173,8 +183,7 @@ class HFTaskModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ loading
     def _load(self, name: str, config: dict[str, Any] | None, tokenizer: str | None, dtype: torch.dtype):
-        import transformers as tf
-
+        tf = _require("transformers")
         path = resolve_model_path(name)
         tok_path = resolve_model_path(tokenizer) if tokenizer else path
         try:
@@ -449,7 +458,7 @@ class HFDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        import datasets
+        datasets = _require("datasets")
 
         hp = self.hparams
         if hp.loader is not None:
@@ -525,9 +534,9 @@ class HFDataModule(pl.LightningDataModule):
 def rotten_tomatoes(num_train: int = 1000, num_validation: int = 500, seed: int = 0) -> dict[str, Any]:
     """The offline Rotten Tomatoes snippets (``zo_plugins.assets``) as train / validation
     splits with ``text`` and ``label`` (0 = rotten, 1 = fresh); "plot" rows are dropped."""
-    import datasets
-
     from .. import assets
+
+    datasets = _require("datasets")
 
     ds = datasets.load_dataset("csv", data_files=str(assets.rotten_tomatoes_csv()), split="train")
     ds = ds.filter(lambda r: r["category"] in ("fresh", "rotten"))
