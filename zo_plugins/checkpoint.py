@@ -22,6 +22,16 @@ from torch import nn
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 _DONE = "meta.json"
+INSTALL = "pip install 'zo-plugins[hf]'"
+"""The install line for safetensors, which checkpoints are written with (the ``hf`` extra)."""
+
+
+def _safetensors_torch() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as e:
+        raise ImportError(f"zo_plugins.checkpoint needs safetensors: {INSTALL}.") from e
+    return safetensors.torch
 
 
 def _sync_dir(path: Path) -> None:
@@ -39,8 +49,7 @@ def save_checkpoint(
     path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, **meta: Any
 ) -> Path:
     """Write ``model`` (and ``optimizer``) to the directory ``path`` atomically."""
-    from safetensors.torch import save_model
-
+    save_model = _safetensors_torch().save_model
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -66,8 +75,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` into ``model`` (and ``optimizer``);
     returns its metadata."""
-    from safetensors.torch import load_model
-
+    load_model = _safetensors_torch().load_model
     path = Path(path)
     if not (path / _DONE).is_file():
         raise FileNotFoundError(

@@ -14,18 +14,24 @@ from pathlib import Path
 
 from ..core.replay import replay
 from ..core.trajectory import TrajectoryError
+from . import INSTALL_REPLAY
 
 
 def load_base(base: str):
     """Load BASE as it was when training started."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise SystemExit(f"zo-replay needs transformers: {INSTALL_REPLAY}.") from e
 
     path = Path(base)
     if (path / "adapter_config.json").is_file():
         try:
             from peft import PeftConfig, PeftModel
         except ImportError as e:
-            raise SystemExit("BASE is a PEFT adapter: pip install 'zo-plugins[peft]'") from e
+            raise SystemExit(
+                f"zo-replay: {base} is a PEFT adapter, which needs peft: pip install 'zo-plugins[peft]'."
+            ) from e
         cfg = PeftConfig.from_pretrained(base)
         model = load_base(cfg.base_model_name_or_path)
         return PeftModel.from_pretrained(model, base, is_trainable=True)
