@@ -14,8 +14,6 @@ __all__ = [
     "ZOConfig",
     "DROPOUT_MODES",
     "PERTURBATION_MODES",
-    "ESTIMATORS",
-    "OPTIMIZERS",
     "SPARSITY_MODES",
     "BLOCK_WISE",
     "GAUSSIAN_STREAMS",
@@ -23,8 +21,6 @@ __all__ = [
 
 DROPOUT_MODES = ("same-masks", "eval")
 PERTURBATION_MODES = ("auto", "in-place", "out-of-place")
-ESTIMATORS = ("spsa", "forward", "forward-grad", "cge", "rank")
-OPTIMIZERS = ("zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-sgd-conservative", "zo-adam")
 SPARSITY_MODES = ("magnitude", "random")
 BLOCK_WISE = ("cycle", "random")
 GAUSSIAN_STREAMS = ("auto", "philox", "native")
@@ -197,8 +193,11 @@ class ZOConfig:
                 "(1 is MeZO's setting)."
             )
         _check_choice("distribution", self.distribution, DIRECTIONS)
-        _check_choice("estimator", self.estimator, ESTIMATORS)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        from .core.estimators import ESTIMATORS
+        from .core.updates import UPDATE_RULES
+
+        _check_choice("estimator", self.estimator, tuple(ESTIMATORS))
+        _check_choice("optimizer", self.optimizer, tuple(UPDATE_RULES))
         _check_choice("sparsity_mode", self.sparsity_mode, SPARSITY_MODES)
         if self.block_wise is not None:
             _check_choice("block_wise", self.block_wise, BLOCK_WISE)

@@ -9,6 +9,7 @@ from torch import nn
 from zo_testing import assert_bit_identical, params_snapshot, tiny_batch, tiny_hf_model
 
 from zo_plugins import ZOOptimizer
+from zo_plugins.core.estimators import cge_coordinates
 from zo_plugins.core.optimizer import materialize_direction
 
 
@@ -73,7 +74,7 @@ def test_cge_estimates_coordinates_and_updates_only_them(quad, dtype):
     opt = ZOOptimizer(
         model, lr=0.1, eps=1e-6 if dtype == torch.float64 else 1e-2, estimator="cge", cge_coordinates=5
     )
-    coords = opt._cge_coordinates(0)
+    coords = cge_coordinates(opt.plan(0), opt.config)
     before = params_snapshot(model)
     est = opt.estimate(loss_fn)
     assert_bit_identical(before, params_snapshot(model))  # probing restores exactly
@@ -254,7 +255,7 @@ def test_sparsity_fraction_and_untouched_weights(mode):
     x = torch.randn(8, 200)
     before = params_snapshot(model)
     opt = ZOOptimizer(model, lr=1e-2, sparsity=0.8, sparsity_mode=mode, sparsity_resample_every=100)
-    opt._begin_step(0)
+    opt.plan(0)
     w = model[0].weight
     z = materialize_direction(opt, w, step=0)
     frac = (z != 0).float().mean().item()
@@ -330,7 +331,9 @@ def test_sphere_directions_have_norm_sqrt_d_and_the_spsa_estimate_is_their_deriv
     est = opt.estimate(loss_fn)
     opt.restore()
     for q in range(2):
-        z = torch.cat([materialize_direction(opt, p, step=0, query=q).double().reshape(-1) for p in model.parameters()])
+        z = torch.cat(
+            [materialize_direction(opt, p, step=0, query=q).double().reshape(-1) for p in model.parameters()]
+        )
         assert z.norm().item() == pytest.approx(math.sqrt(d), rel=1e-6)
         assert est.projected_grads[q] == pytest.approx(dir_deriv(opt, model, loss_fn, query=q), rel=1e-5)
     # the two directions are the Gaussian ones rescaled, not the same direction

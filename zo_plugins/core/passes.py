@@ -46,15 +46,16 @@ class ParamSpec:
     mask: Callable[[int, int], torch.Tensor] | None = None
     """Sparsity: ``mask(start, n)`` gives the elements ``[start, start+n)`` that are perturbed
     and updated (bool); the others are left bit-identical.  Set per step by the optimizer."""
+    watch_grad: bool = False
+    """The tensor required grad when the optimizer was built: a step where its
+    ``requires_grad`` is off leaves it out (no gradient, no update), as backprop would."""
 
     @property
     def row_len(self) -> int:
         return self.param.numel() // max(self.param.shape[0], 1) if self.param.dim() else 1
 
 
-def merge_terms(
-    *term_lists: Sequence[Term], restore_scale: float = 1.0
-) -> list[Term]:
+def merge_terms(*term_lists: Sequence[Term], restore_scale: float = 1.0) -> list[Term]:
     """Sum the coefficients of each seed over ``term_lists`` (the first list scaled by
     ``restore_scale``), in first-mention order, dropping zero sums: one direction generation
     per seed and pass, however many terms name it.  The one place terms are merged (the

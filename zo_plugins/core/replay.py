@@ -2,45 +2,68 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
+from .noise import STREAM_VERSION
 from .optimizer import ZOOptimizer
-from .trajectory import TrajectoryError, read_trajectory, weights_hash
+from .rounding import HALF_DTYPES
+from .trajectory import TrajectoryError, read_log, weights_hash
 
 __all__ = ["replay"]
+
+logger = logging.getLogger("zo_plugins")
 
 
 def replay(
     model: nn.Module,
     log: str | os.PathLike,
     *,
-    allow_version_mismatch: bool = False,
     steps: int | None = None,
+    mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None = None,
+    allow_version_mismatch: bool = False,
 ) -> nn.Module:
     """Apply the steps recorded in trajectory ``log`` to ``model`` in place and return it.
 
     ``model`` must hold the run's starting weights (checked against the log's hash) and the
     same trainable parameter names.  No forward pass runs: each step repeats the recorded
     in-place perturbation passes (so their rounding matches) and the update, which makes the
-    result bit-identical to the trained weights on the same backend and dtype.  A log written
-    by another library version is refused unless ``allow_version_mismatch=True``; ``steps``
-    replays only the first ``steps`` steps.
-    """
-    from .. import __version__
+    result bit-identical to the trained weights on the same backend and dtype.  When the log
+    is complete (the run closed it), the replayed weights are checked against the hash of the
+    run's final weights; a log without its end record (a run that was cut) replays with a
+    warning that says how many steps it holds.
 
-    header, records = read_trajectory(log)
-    if header["library_version"] != __version__ and not allow_version_mismatch:
+    ``steps`` replays only the first ``steps`` steps.  A run trained with ``mask_fn`` needs the
+    same function here.  Logs written by any library version replay as long as their
+    direction streams (``stream_version``) are this library's; ``allow_version_mismatch``
+    replays a log with other streams anyway (the result will differ).
+    """
+    trajectory = read_log(log)
+    header, records = trajectory.header, trajectory.records
+    stream_version = header.get("stream_version", 1)
+    if stream_version != STREAM_VERSION and not allow_version_mismatch:
         raise TrajectoryError(
-            f"{log} was written by zo_plugins {header['library_version']} and this is {__version__}; "
-            "the direction stream may differ. Pass allow_version_mismatch=True (zo-replay "
+            f"{log} was written with direction stream version {stream_version} and this library draws "
+            f"version {STREAM_VERSION}: the directions differ, so replay cannot rebuild the weights. Replay it "
+            "with the zo_plugins release that wrote it, or pass allow_version_mismatch=True (zo-replay "
             "--allow-version-mismatch) to replay anyway."
         )
     backend = header.get("backend")
     if backend not in ("torch", "triton"):
         raise TrajectoryError(f"{log} was written by an unknown backend {backend!r}.")
+    recorded_mask = header.get("mask_fn")
+    if recorded_mask is not None and mask_fn is None:
+        raise TrajectoryError(
+            f"{log} was trained with mask_fn={recorded_mask}: pass the same function, "
+            "replay(model, log, mask_fn=...), to replay it."
+        )
+    if recorded_mask is None and mask_fn is not None:
+        raise TrajectoryError(f"{log} was trained without a mask_fn; do not pass one to replay it.")
     named = dict(model.named_parameters())
     groups: list[dict[str, Any]] = []
     for names in header["groups"]:
@@ -52,23 +75,56 @@ def replay(
             )
         groups.append({"params": [named[n] for n in names]})
     config = dict(header["config"], backend=backend)  # replay on the backend that trained
-    opt = ZOOptimizer(groups, lr=0.0, model=model, **config)
+    in_place = _in_place_names(header, named)
+    config["perturbation"] = "out-of-place" if not in_place else "in-place"
+    mixed = bool(in_place) and any(n not in in_place for names in header["groups"] for n in names)
+    if mixed:
+        config["perturbation"] = "out-of-place"
+    opt = ZOOptimizer(groups, lr=0.0, model=model, mask_fn=mask_fn, **config)
+    if mixed:  # the run perturbed some tensors in place (float32 under v1's 'auto') and others not
+        for spec in opt.specs():
+            spec.in_place = spec.name in in_place
     got = weights_hash((s.name, s.param) for s in opt.specs())
     if got != header["base_hash"]:
         raise TrajectoryError(
             f"The model's trainable weights do not match the starting weights of {log} "
             f"(hash {got[:12]} vs {header['base_hash'][:12]}): replay needs the exact base model."
         )
-    for rec in records[:steps]:
-        step = rec["step"]
-        seeds = opt.seeds_for(step)
-        opt._begin_step(step)
-        for terms in rec["shifts"]:
-            opt._shift_in_place([(seeds[int(q)], float(c)) for q, c in terms])
-        for group, lr, wd in zip(opt.param_groups, rec["lr"], rec["wd"]):
-            group["lr"], group["weight_decay"] = lr, wd
-        if rec["skipped"]:
-            opt.skip(step=step)
-        else:
-            opt.apply_update(rec["grads"], step=step)
+    todo = records if steps is None else records[:steps]
+    for rec in todo:
+        opt.replay_step(rec)
+    if trajectory.end is None:
+        logger.warning(
+            "%s has no end record: the run that wrote it did not finish (or is still running). "
+            "Replayed the %d step(s) it holds.",
+            log,
+            len(todo),
+        )
+    elif steps is None or steps >= len(records):
+        final = weights_hash((s.name, s.param) for s in opt.specs())
+        if final != trajectory.end["final_hash"]:
+            raise TrajectoryError(
+                f"Replaying {log} did not reproduce the run's final weights (hash {final[:12]} vs "
+                f"{trajectory.end['final_hash'][:12]}): the replay ran on another backend, device or "
+                "dtype, or the log does not belong to this base model."
+            )
     return model
+
+
+def _in_place_names(header: dict[str, Any], named: dict[str, torch.Tensor]) -> set[str]:
+    """The tensors the run perturbed in place."""
+    if "in_place" in header:
+        return set(header["in_place"])
+    # format 1 logs: 'auto' meant in place for float32/float64, out of place for half precision
+    mode = header["config"].get("perturbation", "auto")
+    names = {n for g in header["groups"] for n in g}
+    if mode == "out-of-place":
+        return set()
+    cfg = header["config"]
+    if cfg.get("estimator") == "forward-grad" or (
+        cfg.get("sparsity") and cfg.get("sparsity_mode") == "magnitude"
+    ):
+        return set()
+    if mode == "in-place":
+        return names
+    return {n for n in names if named[n].dtype not in HALF_DTYPES}

@@ -1,5 +1,11 @@
-"""Update rules beyond ZO-SGD: sign, momentum (stored buffer) and Adam, each in one
-read-modify-write pass that regenerates every direction once.
+"""Update rules: a registry (``UPDATE_RULES``) and the fused passes of the stateful ones.
+
+Each rule names the pass that applies it -- the linear update pass of ``core.passes`` (ZO-SGD,
+stateless momentum, conservative) or one of the fused rule passes below (sign, momentum with a
+stored buffer, Adam), each one read-modify-write of theta and its state that regenerates every
+direction once -- its state size, and for ``zo-sgd-conservative`` the check that accepts or
+rejects a step.  Adding a rule is a ``register_update_rule(UpdateRule(...))`` call;
+``ZOConfig.optimizer`` accepts every registered name.
 
 ZO-SGD itself, and stateless momentum (a ZO-SGD step along the β-weighted directions of the
 last K steps), are linear in the directions and run through ``passes.update_``, which merges
@@ -13,13 +19,29 @@ estimate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .passes import ParamSpec, Term, _Chunks, _compute_dtype, _flat, store_chunk_
 
-__all__ = ["RULES", "STATE_BYTES_PER_PARAM", "rule_update_"]
+if TYPE_CHECKING:  # annotations only: config imports the registries of the core
+    from ..config import ZOConfig
+
+__all__ = [
+    "RULES",
+    "STATE_BYTES_PER_PARAM",
+    "UpdateRule",
+    "UPDATE_RULES",
+    "register_update_rule",
+    "get_update_rule",
+    "init_state",
+    "merge_rule_terms",
+    "rule_update_",
+]
 
 RULES = ("sign", "momentum", "adam")
 STATE_BYTES_PER_PARAM = {
@@ -116,3 +138,86 @@ def rule_update_(
                 x.mul_(1 - lr * weight_decay)
             x.add_(step_dir, alpha=-lr)
             store_chunk_(spec, cur, x, start=start, keep=keep, round_seed=round_seed)
+
+
+# ----------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class UpdateRule:
+    """A registered update rule.
+
+    ``pass_rule(config)``: the fused rule pass that applies it (``"sign"``, ``"momentum"``,
+    ``"adam"``: ``rule_update_`` / the Triton rule kernel) or ``None`` for the linear update
+    pass along the step's terms.  ``state_bytes(config)``: float32 state per trainable
+    parameter.  ``accept(opt, plan, grads, probe, baseline)``: called before the update when
+    given; False rejects the step (the weights are left as they were)."""
+
+    name: str
+    pass_rule: Callable[[ZOConfig], str | None]
+    state_bytes: Callable[[ZOConfig], int]
+    accept: Callable[..., bool] | None = None
+    help: str = ""
+
+
+UPDATE_RULES: dict[str, UpdateRule] = {}
+
+
+def register_update_rule(rule: UpdateRule) -> UpdateRule:
+    """Add ``rule`` to the registry (``ZOConfig.optimizer`` then accepts its name)."""
+    if not isinstance(rule, UpdateRule):
+        raise TypeError(f"register_update_rule takes an UpdateRule, not {type(rule).__name__}.")
+    if rule.name in UPDATE_RULES:
+        raise ValueError(f"An update rule named {rule.name!r} is already registered.")
+    UPDATE_RULES[rule.name] = rule
+    return rule
+
+
+def get_update_rule(name: str) -> UpdateRule:
+    try:
+        return UPDATE_RULES[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown update rule {name!r}: registered are {', '.join(map(repr, UPDATE_RULES))}."
+        ) from None
+
+
+def _conservative_accept(
+    opt: Any, plan: Any, grads: Sequence[float], probe: Any, baseline: float | None
+) -> bool:
+    """ZO-Bench's conservative rule: probe the loss at the updated weights (out of place the
+    weights are not written; in place the candidate becomes the current weights until the
+    update or the restore) and reject the update if it is worse than ``baseline``."""
+    if probe is None or baseline is None or not math.isfinite(baseline):
+        return True  # nothing to compare with: take the step
+    lrs = {float(g["lr"]) for g in opt.param_groups}
+    if len(lrs) != 1:
+        raise ValueError("optimizer='zo-sgd-conservative' needs one learning rate for all param groups.")
+    lr = lrs.pop()
+    new = opt.probe_loss(plan, plan.terms([-lr * g / len(grads) for g in grads]), probe)
+    sign = -1.0 if opt.config.maximize else 1.0
+    return math.isfinite(new) and sign * new <= sign * baseline
+
+
+register_update_rule(UpdateRule("zo-sgd", lambda cfg: None, lambda cfg: 0, help="θ -= lr (d + wd θ)"))
+register_update_rule(
+    UpdateRule(
+        "zo-sgd-momentum",
+        lambda cfg: "momentum" if cfg.momentum_history == 0 else None,
+        lambda cfg: 4 if cfg.momentum_history == 0 else 0,
+        help="m = β m + d; θ -= lr (m + wd θ) (stored buffer, or rebuilt from the last K steps)",
+    )
+)
+register_update_rule(
+    UpdateRule("zo-sgd-sign", lambda cfg: "sign", lambda cfg: 0, help="θ -= lr (sign(d) + wd θ)")
+)
+register_update_rule(
+    UpdateRule(
+        "zo-sgd-conservative",
+        lambda cfg: None,
+        lambda cfg: 0,
+        accept=_conservative_accept,
+        help="ZO-SGD, the step kept only if the loss at the updated weights is not worse",
+    )
+)
+register_update_rule(
+    UpdateRule("zo-adam", lambda cfg: "adam", lambda cfg: 8, help="Adam moments on d, decoupled weight decay")
+)

@@ -1,22 +1,28 @@
-"""Hugging Face ``transformers.Trainer`` integration: ``ZOCallback`` and the ``ZOTrainer``
-fallback.
+"""Hugging Face ``transformers.Trainer`` integration: ``ZOCallback``, and ``ZOTrainer`` /
+``zo_trainer(cls)`` for trainers whose loss is computed outside the model's forward.
 
 How a callback alone replaces backprop in the stock Trainer (see docs/hf.md):
 
-* ``on_train_begin`` wraps the model's instance ``forward``.  The wrapper acts only when
-  ``model.training and torch.is_grad_enabled()`` (so evaluation, prediction and ``generate``
-  run the real forward): it runs the two perturbed forwards under ``no_grad`` through
-  ``ZOOptimizer.estimate`` and returns the outputs of the last one with ``loss`` replaced by
-  ``leaf.clone()``, ``leaf`` a fresh scalar that requires grad.
-* The Trainer scales that loss (1/GA, token-count normalisation, DDP world size, loss scale)
-  and calls ``backward``; a hook on ``leaf`` receives exactly the factor it would have
-  backpropagated, so ``sum(factor * g)`` over micro-batches reproduces first-order
-  semantics for gradient accumulation.  No parameter ``.grad`` is ever created.
-* ``on_pre_optimizer_step`` all-reduces the accumulated scalar(s) and applies the update with
-  the ``lr`` and ``weight_decay`` of the Trainer's own param groups (so its scheduler and its
-  decay/no-decay split apply); the stock ``optimizer.step()`` then finds no gradients.
-* The step seed comes from ``state.global_step``, so ``resume_from_checkpoint`` continues
-  the exact direction sequence.
+* ``on_train_begin`` builds the ZO optimizer from the Trainer's own (``integrations.driver``)
+  and wraps the model's instance ``forward``.  The wrapper acts only when ``model.training and
+  torch.is_grad_enabled()`` (so evaluation, prediction and ``generate`` run the real
+  forward): it runs the perturbed forwards under ``no_grad`` and returns the outputs of the
+  last one with ``loss`` replaced by ``leaf.clone()``, whose backward feeds the projected
+  gradient into the step's accumulator.
+* ``on_pre_optimizer_step`` all-reduces and applies the update with the ``lr`` and
+  ``weight_decay`` of the Trainer's param groups; the stock ``optimizer.step()`` then finds no
+  gradients.  The ZO optimizer's state rides in the Trainer's optimizer checkpoint
+  (``param_groups[0]["zo_plugins"]``), so ``resume_from_checkpoint`` restores momentum
+  buffers, Adam moments and counters with the Trainer's own files.
+* The step seed comes from ``state.global_step``, so a resumed run continues the exact
+  direction sequence.
+
+Abort safety: the weights are never perturbed while the Trainer holds control (the ZO
+optimizer's estimate returns with them restored).  The wrapper expects one training forward
+per micro-batch, announced by ``on_step_begin`` / ``on_substep_end``; a training forward that
+comes unannounced means the run that installed it ended without ``on_train_end`` (an
+exception, an interrupt) and another loop is driving the model -- the wrapper then removes
+itself and runs the real forward.  An exception inside the wrapper removes it too.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +46,26 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     ) from e
 
 from ..config import ZOConfig
-from ..core.optimizer import ZOEstimate, ZOOptimizer, all_reduce_projected_grads
+from .driver import ZODriver
 
-__all__ = ["ZOCallback", "ZOTrainer", "ZOTrainerMixin", "quarantine_incomplete_checkpoints"]
+__all__ = ["ZOCallback", "ZOTrainer", "ZOTrainerMixin", "zo_trainer", "quarantine_incomplete_checkpoints"]
 
 logger = logging.getLogger("zo_plugins")
+CHECKPOINT_KEY = "zo_plugins"
+"""Key of the ZO optimizer's state in ``param_groups[0]`` of the Trainer's optimizer."""
 _FALLBACK_HINT = (
     "Use zo_plugins.ZOTrainer (a Trainer subclass that wraps compute_loss) in place of "
-    "Trainer(callbacks=[ZOCallback()])."
+    "Trainer(callbacks=[ZOCallback()]), or zo_plugins.zo_trainer(YourTrainerClass) for a Trainer subclass."
+)
+_TRL_HINT = (
+    "TRL's trainers compute the loss outside the model's forward (SFTTrainer from "
+    "`outputs.log_probs` of a fused LM head), which a forward wrapper cannot serve. Use "
+    "zo_plugins.ZOSFTTrainer in place of trl.SFTTrainer (same arguments, plus zo_config=...), or "
+    "zo_plugins.zo_trainer(OtherTrainer) for another TRL trainer."
 )
 
 
-def _extract_loss(outputs: Any) -> torch.Tensor:
+def _extract_loss(outputs: Any, kwargs: dict[str, Any]) -> torch.Tensor:
     loss = None
     if isinstance(outputs, dict):
         loss = outputs.get("loss")
@@ -60,12 +74,23 @@ def _extract_loss(outputs: Any) -> torch.Tensor:
     elif isinstance(outputs, torch.Tensor):
         loss = outputs
     if loss is None:
+        keys = sorted(k for k in kwargs if k != "num_items_in_batch")
+        if "labels" not in kwargs:
+            raise RuntimeError(
+                f"ZOCallback: the model returned no loss because the batch has no `labels` (its keys: {keys}). "
+                "Give the dataset a labels column, or use a data collator that adds one (e.g. "
+                "DataCollatorForLanguageModeling(tokenizer, mlm=False) for causal LM). If your Trainer "
+                "computes the loss itself (compute_loss_func, a compute_loss override), " + _FALLBACK_HINT
+            )
         raise RuntimeError(
-            "ZOCallback: the model returned no loss in training. The Trainer removes `labels` "
-            "before the forward when label_smoothing_factor > 0 or compute_loss_func is set, "
-            "and ZO needs the loss inside the forward. " + _FALLBACK_HINT
+            f"ZOCallback: the model was given `labels` but returned no loss (batch keys: {keys}); ZO needs the "
+            "loss from the forward. " + _FALLBACK_HINT
         )
     return loss
+
+
+def _is_trl(args: Any) -> bool:
+    return type(args).__module__.split(".")[0] == "trl"
 
 
 class ZOCallback(TrainerCallback):
@@ -77,167 +102,243 @@ class ZOCallback(TrainerCallback):
 
     ``objective=fn`` replaces the loss by ``fn(model, batch)`` (any scalar: an accuracy, an
     F1 of generated text, a reward); with ``maximize=True`` it is maximised.  Inside ``fn``,
-    calling the model runs its real forward on the perturbed weights.
+    calling the model runs its real forward on the perturbed weights.  With
+    ``estimator='rank'`` and ``ranking_oracle=fn(outputs) -> indices best first``, ``objective``
+    may return anything the oracle ranks (generated text, for instance).  ``mask_fn`` is
+    ``ZOOptimizer``'s.
 
-    Logs ``projected_grad``, ``loss_plus``, ``loss_minus`` (means since the last log) and
-    ``zo_skipped_steps`` into the Trainer's logs.
+    Logs ``projected_grad``, ``loss_plus``, ``loss_minus`` (means since the last log) and the
+    ``zo_skipped_steps`` / ``zo_clipped_steps`` / ``zo_rejected_steps`` counters; the
+    Trainer's ``grad_norm`` entry (0 under ZO: there is no ``.grad``) is replaced by the norm
+    of the ZO gradient estimate.
     """
 
     def __init__(
-        self, objective: Callable[[nn.Module, dict[str, Any]], Any] | None = None, **zo_config_fields: Any
+        self,
+        objective: Callable[[nn.Module, dict[str, Any]], Any] | None = None,
+        *,
+        ranking_oracle: Callable[[list[Any]], Sequence[int]] | None = None,
+        mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None = None,
+        **zo_config_fields: Any,
     ) -> None:
         self.config = ZOConfig(**zo_config_fields)
         if objective is not None and not callable(objective):
             raise ValueError(
                 f"ZOCallback(objective=...) must be callable (model, batch) -> scalar, not {objective!r}."
             )
+        if ranking_oracle is not None and not callable(ranking_oracle):
+            raise ValueError(f"ZOCallback(ranking_oracle=...) must be callable, not {ranking_oracle!r}.")
         self.objective = objective
-        self.optimizer: ZOOptimizer | None = None
+        self.driver = ZODriver(
+            self.config, owner="ZOCallback", ranking_oracle=ranking_oracle, mask_fn=mask_fn
+        )
         self._model: nn.Module | None = None
         self._had_forward = False
         self._old_forward: Any = None
         self._wrap_forward = True  # ZOTrainer turns this off and calls zo_loss itself
-        self._hf_groups: list[int] = []
+        self._inner_optimizer: Any = None
         self._scaler: Any = None
         self._step = 0
-        self._reset_step()
+        self._expect_forward = False
         self._reset_log()
 
-    # ------------------------------------------------------------------ bookkeeping
-    def _reset_step(self) -> None:
-        self._acc: list[float] | None = None
-        self._skip = False
-        self._lp: list[float] = []
-        self._lm: list[float] = []
-        self._pending_hooks = 0
-        self._last_probe: tuple[Callable[[], Any], float] | None = None
+    @property
+    def optimizer(self):
+        """The ``ZOOptimizer`` of the current run (None before training starts)."""
+        return self.driver.optimizer
 
     def _reset_log(self) -> None:
-        self._log_g: list[float] = []
-        self._log_lp: list[float] = []
-        self._log_lm: list[float] = []
+        self._log: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ events
+    def on_init_end(self, args, state, control, **kwargs):
+        if getattr(args, "process_index", 0) == 0 and args.output_dir:
+            quarantine_incomplete_checkpoints(args.output_dir)
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._wrap_forward and getattr(args, "label_smoothing_factor", 0) > 0:
             raise ValueError(
                 f"ZOCallback cannot serve label_smoothing_factor={args.label_smoothing_factor}: "
                 "the Trainer pops the labels before the forward. " + _FALLBACK_HINT
             )
+        if self._wrap_forward and _is_trl(args):
+            raise ValueError(f"ZOCallback cannot train through {type(args).__name__} alone: " + _TRL_HINT)
         if model is None or optimizer is None:
             raise RuntimeError("ZOCallback.on_train_begin needs the model and optimizer from the Trainer.")
+        self._uninstall_forward()  # a previous run that ended without on_train_end
+        self.driver.abort()
         self._model = model
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-        groups, self._hf_groups = [], []
-        for i, g in enumerate(inner.param_groups):
-            params = [p for p in g["params"] if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)})
-                self._hf_groups.append(i)
-        if not groups:
-            raise ValueError("ZOCallback: the model has no trainable parameters (requires_grad=True).")
-        self.optimizer = ZOOptimizer(
-            groups, lr=groups[0]["lr"], model=model, **{k: v for k, v in self.config.to_dict().items()}
-        )
-        self._inner_optimizer = inner
+        self._inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        self.driver.build(optimizer, model)
+        saved = self._inner_optimizer.param_groups[0].pop(CHECKPOINT_KEY, None)
+        if saved is not None and state.global_step > 0:  # resume_from_checkpoint loaded optimizer.pt
+            self.driver.load_state_dict(saved)
+            if self.optimizer.step_count != state.global_step:
+                raise ValueError(
+                    f"ZOCallback: the checkpoint's ZO state is at step {self.optimizer.step_count} but the "
+                    f"Trainer resumes at step {state.global_step}; resume from a checkpoint written by the "
+                    "same run (its optimizer.pt and trainer_state.json belong together)."
+                )
+        elif state.global_step > 0:
+            logger.warning(
+                "ZOCallback: resuming at step %d from a checkpoint without ZO state (written by an older "
+                "zo_plugins?): the directions continue exactly, but optimizer=%r's state and the "
+                "skipped/clipped counters start afresh.",
+                state.global_step,
+                self.config.optimizer,
+            )
         scaler = getattr(optimizer, "scaler", None)
         if scaler is not None:
             # fp16 GradScaler: its step() asserts when no inf checks were recorded. Detach it
             # from the optimizer and divide the factor the hook receives by its scale.
             self._scaler, optimizer.scaler = scaler, None
+            self.driver.loss_scale = lambda: float(self._scaler.get_scale())
+        self._stash_state()
         if self._wrap_forward:
-            self._install_forward(model)
+            self._install_forward(model, args)
+        self._expect_forward = False
         return control
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._reset_step()
+        self.driver.reset_step()
         self._step = state.global_step
+        self._expect_forward = True
+        if self.driver.optimizer is not None:
+            self.driver.sync(self._inner_optimizer)
+        return control
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._expect_forward = True
         return control
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        opt = self.optimizer
-        if opt is None:
+        if self.driver.optimizer is None:
             return control
-        for ours, hf_index in zip(opt.param_groups, self._hf_groups):
-            src = self._inner_optimizer.param_groups[hf_index]
-            ours["lr"] = src["lr"]
-            ours["weight_decay"] = src.get("weight_decay", 0.0)
-        if self._acc is None and not self._skip:
+        self._expect_forward = False
+        if not self.driver.has_estimates:
             raise RuntimeError(
                 "ZOCallback saw no training forward in this optimizer step: the Trainer called "
                 "the model without going through its `forward` attribute. " + _FALLBACK_HINT
             )
-        grads, skipped = all_reduce_projected_grads(self._acc or [], self._skip, self.config)
-        lp = sum(self._lp) if self._lp else float("nan")
-        lm = sum(self._lm) if self._lm else float("nan")
-        probe, baseline = self._last_probe or (None, None)
-        opt.finish_step(
-            grads, skipped, step=self._step, loss_plus=lp, loss_minus=lm, probe=probe, baseline=baseline
-        )
-        if not skipped:
-            self._log_g.append(opt.last_step.projected_grad)
-            self._log_lp.append(lp)
-            self._log_lm.append(lm)
-        self._reset_step()
+        metrics = self.driver.finish(self._step, self._inner_optimizer)
+        for k, v in metrics.items():
+            self._log.setdefault(k, []).append(v)
+        self._stash_state()
         return control
+
+    def _stash_state(self) -> None:
+        """Put the ZO optimizer's state where the Trainer's checkpoint will save it: the
+        Trainer's optimizer ``param_groups[0]`` (torch saves and reloads extra group keys)."""
+        self._inner_optimizer.param_groups[0][CHECKPOINT_KEY] = self.driver.state_dict()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "loss" not in logs or self.optimizer is None:
             return control
         extra: dict[str, float] = {}
-        if self._log_g:
-            extra["projected_grad"] = sum(self._log_g) / len(self._log_g)
-            extra["loss_plus"] = sum(self._log_lp) / len(self._log_lp)
-            extra["loss_minus"] = sum(self._log_lm) / len(self._log_lm)
+        for key in ("projected_grad", "loss_plus", "loss_minus", "zo_grad_norm"):
+            vals = self._log.get(key, [])
+            if vals:
+                extra[key] = sum(vals) / len(vals)
         extra["zo_skipped_steps"] = self.optimizer.skipped_steps
         if self.config.clip_projected_grad is not None:
             extra["zo_clipped_steps"] = self.optimizer.clipped_steps
+        if self.optimizer.rule.accept is not None:
+            extra["zo_rejected_steps"] = self.optimizer.rejected_steps
+        if "grad_norm" in logs:  # 0 from clip_grad_norm_ over absent .grad: report ZO's estimate instead
+            grad_norm = extra.pop("zo_grad_norm", None)
+            if grad_norm is None:
+                del logs["grad_norm"]
+            else:
+                logs["grad_norm"] = grad_norm
+        extra.pop("zo_grad_norm", None)
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("loss") == logs.get("loss"):
             state.log_history[-1].update(extra)
+            if "grad_norm" in state.log_history[-1]:
+                if "grad_norm" in logs:
+                    state.log_history[-1]["grad_norm"] = logs["grad_norm"]
+                else:
+                    del state.log_history[-1]["grad_norm"]
         self._reset_log()
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        # the checkpoint and the trajectory log must agree after a crash: sync the log now
+        if self.optimizer is not None:
+            self.optimizer.sync_trajectory()
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         self._uninstall_forward()
         if self.optimizer is not None:
             self.optimizer.close()
+            if self._inner_optimizer is not None:
+                self._inner_optimizer.param_groups[0].pop(CHECKPOINT_KEY, None)
         return control
 
-    def on_init_end(self, args, state, control, **kwargs):
-        if getattr(args, "process_index", 0) == 0 and args.output_dir:
-            quarantine_incomplete_checkpoints(args.output_dir)
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        # the checkpoint and the trajectory log must agree after a crash: sync the log now
-        if self.optimizer is not None and self.optimizer._trajectory is not None:
-            self.optimizer._trajectory.sync()
-        return control
+    def abort(self) -> None:
+        """End a run that will not reach ``on_train_end``: the forward is restored, the
+        half-accumulated step dropped (the weights are already unperturbed)."""
+        self._uninstall_forward()
+        self.driver.abort()
+        self._expect_forward = False
 
     # ------------------------------------------------------------------ forward wrapping
-    def _install_forward(self, model: nn.Module) -> None:
+    def _install_forward(self, model: nn.Module, train_args: Any = None) -> None:
         self._uninstall_forward()
         self._had_forward = "forward" in model.__dict__
         self._old_forward = model.__dict__.get("forward")
         orig = model.forward  # the instance attribute (accelerate's autocast) or the method
+        probe_forward = orig
+        if getattr(train_args, "torch_compile", False):
+            if self.optimizer.perturbation_mode == "in-place":
+                # in place the parameters stay the same tensors, so the compiled graph is reused
+                probe_forward = torch.compile(
+                    orig,
+                    backend=train_args.torch_compile_backend or "inductor",
+                    mode=train_args.torch_compile_mode,
+                )
+            else:
+                logger.info(
+                    "ZOCallback: torch_compile=True: the ZO probes run eagerly (out-of-place perturbation "
+                    "hands each module new tensors, which a compiled graph would recompile for); "
+                    "perturbation='in-place' runs them through the compiled forward."
+                )
 
+        @torch.compiler.disable
         def zo_forward(*args: Any, **kwargs: Any) -> Any:
             if not (model.training and torch.is_grad_enabled()):
                 return orig(*args, **kwargs)
+            if not self._expect_forward:
+                logger.warning(
+                    "ZOCallback: a training forward arrived outside the Trainer step that installed the ZO "
+                    "wrapper (that run ended without on_train_end, e.g. after an exception); the wrapper "
+                    "removed itself and the real forward runs."
+                )
+                self.abort()
+                return orig(*args, **kwargs)
+            if kwargs.get("fused_lm_head"):
+                self.abort()
+                raise RuntimeError("ZOCallback: " + _TRL_HINT)
+            self._expect_forward = False
             holder: dict[str, Any] = {}
 
-            def closure() -> torch.Tensor:
+            def closure() -> Any:
                 holder.pop("out", None)  # drop the previous forward's outputs first
                 if self.objective is not None:  # a non-differentiable objective replaces the loss
                     holder["out"] = {}
                     batch = {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}
                     return self.objective(model, batch)
-                out = orig(*args, **kwargs)
+                out = probe_forward(*args, **kwargs)
                 holder["out"] = out
-                return _extract_loss(out)
+                return _extract_loss(out, kwargs)
 
-            loss = self.zo_loss(closure)
+            try:
+                loss = self.zo_loss(closure)
+            except BaseException:
+                self.abort()
+                raise
             out = holder["out"]
             if isinstance(out, dict):
                 out["loss"] = loss
@@ -265,29 +366,11 @@ class ZOCallback(TrainerCallback):
     def zo_loss(self, closure: Callable[[], Any]) -> torch.Tensor:
         """Run ``closure`` under the step's perturbations and return a loss tensor whose
         backward feeds the projected gradient into this step's accumulator."""
-        if self.optimizer is None:
-            raise RuntimeError("ZOCallback is not set up: on_train_begin has not run.")
-        est = self.optimizer.estimate(closure, step=self._step)
-        if self.config.optimizer == "zo-sgd-conservative":
-            self._last_probe = (closure, est.loss)  # the last micro-batch probes the update
-        device = next(iter(self.optimizer.specs())).param.device
-        leaf = torch.tensor(est.loss, dtype=torch.float32, device=device, requires_grad=True)
-        leaf.register_hook(lambda grad, est=est: self._accumulate(float(grad), est))
-        return leaf.clone()
-
-    def _accumulate(self, factor: float, est: ZOEstimate) -> None:
-        if self._scaler is not None:
-            factor /= float(self._scaler.get_scale())
-        if est.skipped:
-            self._skip = True
-            return
-        if self._acc is None:
-            self._acc = [0.0] * len(est.projected_grads)
-        for i, g in enumerate(est.projected_grads):
-            self._acc[i] += factor * g
-        # factor-weighted, like the gradient: the step's loss as the Trainer defines it
-        self._lp.append(factor * est.losses_plus[-1])
-        self._lm.append(factor * est.losses_minus[-1])
+        opt = self.driver._require()
+        device = opt.specs()[0].param.device
+        est, loss = self.driver.micro_batch(closure, self._step, device)
+        self.last_estimate = est
+        return loss
 
 
 def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -320,13 +403,29 @@ def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Pat
 
 class ZOTrainerMixin:
     """Mixin for a ``transformers.Trainer`` (sub)class: ZO wraps ``compute_loss`` instead of
-    the model's forward, which serves ``label_smoothing_factor`` and ``compute_loss_func``."""
+    the model's forward, which serves ``label_smoothing_factor``, ``compute_loss_func``, a
+    custom ``compute_loss`` and trainers that build the loss outside the forward (TRL)."""
 
     def _zo_callback(self) -> ZOCallback:
         for cb in self.callback_handler.callbacks:  # type: ignore[attr-defined]
             if isinstance(cb, ZOCallback):
                 return cb
         raise RuntimeError("ZOTrainerMixin: no ZOCallback among the Trainer's callbacks.")
+
+    def _zo_init(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Shared constructor logic: ``zo_config=`` (a ZOConfig or dict) or a ZOCallback in
+        ``callbacks``; the callback is switched to compute_loss mode."""
+        zo_config = kwargs.pop("zo_config", None)
+        cfg = zo_config.to_dict() if isinstance(zo_config, ZOConfig) else dict(zo_config or {})
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        zo = next((cb for cb in callbacks if isinstance(cb, ZOCallback)), None)
+        if zo is None:
+            zo = ZOCallback(**cfg)
+            callbacks.append(zo)
+        elif cfg:
+            raise ValueError("Pass ZO settings either as zo_config or through the ZOCallback, not both.")
+        zo._wrap_forward = False
+        kwargs["callbacks"] = callbacks
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (model.training and torch.is_grad_enabled()):
@@ -336,13 +435,22 @@ class ZOTrainerMixin:
         def closure() -> torch.Tensor:
             holder.pop("out", None)
             res = super(ZOTrainerMixin, self).compute_loss(  # type: ignore[misc]
-                model, dict(inputs), True, num_items_in_batch
+                model, dict(inputs), return_outputs, num_items_in_batch
             )
-            holder["out"] = res[1]
-            return res[0]
+            if return_outputs:
+                holder["out"] = res[1]
+                return res[0]
+            return res
 
         loss = self._zo_callback().zo_loss(closure)
         return (loss, holder["out"]) if return_outputs else loss
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            self._zo_callback().abort()
+            raise
 
 
 class ZOTrainer(ZOTrainerMixin, Trainer):
@@ -353,14 +461,31 @@ class ZOTrainer(ZOTrainerMixin, Trainer):
     ``compute_loss_func``, a custom ``compute_loss``).
     """
 
-    def __init__(self, *args: Any, zo_config: ZOConfig | dict[str, Any] | None = None, **kwargs: Any) -> None:
-        cfg = zo_config.to_dict() if isinstance(zo_config, ZOConfig) else dict(zo_config or {})
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        zo = next((cb for cb in callbacks if isinstance(cb, ZOCallback)), None)
-        if zo is None:
-            zo = ZOCallback(**cfg)
-            callbacks.append(zo)
-        elif cfg:
-            raise ValueError("Pass ZO settings either as zo_config or through the ZOCallback, not both.")
-        zo._wrap_forward = False
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._zo_init(args, kwargs)
+        super().__init__(*args, **kwargs)
+
+
+_ZO_CLASSES: dict[type, type] = {}
+
+
+def zo_trainer(trainer_class: type) -> type:
+    """A ZO version of any ``transformers.Trainer`` subclass (TRL's trainers, your own): the
+    class with ``ZOTrainerMixin`` in front, taking ``zo_config=`` like ``ZOTrainer``.
+    ``zo_trainer(trl.DPOTrainer)(model=..., args=..., zo_config={"eps": 1e-3})``."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TypeError(f"zo_trainer needs a transformers.Trainer subclass, not {trainer_class!r}.")
+    if issubclass(trainer_class, ZOTrainerMixin):
+        return trainer_class
+    if trainer_class not in _ZO_CLASSES:
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._zo_init(args, kwargs)
+            trainer_class.__init__(self, *args, **kwargs)
+
+        _ZO_CLASSES[trainer_class] = type(
+            f"ZO{trainer_class.__name__}",
+            (ZOTrainerMixin, trainer_class),
+            {"__init__": __init__, "__module__": __name__, "__doc__": zo_trainer.__doc__},
+        )
+    return _ZO_CLASSES[trainer_class]

@@ -56,7 +56,8 @@ except ImportError as e:  # pragma: no cover - exercised only without lightning
     ) from e
 
 from ..config import ZOConfig
-from ..core.optimizer import ZOEstimate, ZOOptimizer, all_reduce_projected_grads
+from ..core.optimizer import ZOOptimizer
+from .driver import ZODriver
 
 __all__ = ["ZOMixin", "ZOStrategy", "ZODDPStrategy", "ZOLightningCallback"]
 
@@ -148,31 +149,29 @@ class ZOMixin:
 
     Mixed in front of ``SingleDeviceStrategy`` (``ZOStrategy``) or ``DDPStrategy``
     (``ZODDPStrategy``); ``ZOLightningCallback`` mixes it into the Trainer's own strategy.
+    Everything not specific to Lightning's loop (accumulation, the loss-scale factor, the
+    conservative probe, abort safety, the checkpointed optimizer state) is
+    ``integrations.driver.ZODriver``.
     """
 
     zo_config: ZOConfig
-    zo_optimizer: ZOOptimizer | None
+    zo_driver: ZODriver
 
-    def _zo_init(self, config: ZOConfig, base: type) -> None:
+    def _zo_init(self, config: ZOConfig, base: type, **driver_kwargs: Any) -> None:
         # The stock strategy class whose methods this one extends. Called explicitly instead of
         # super() so ZOLightningCallback can bind these methods onto an existing strategy.
         self._zo_base = base
         self.zo_config = config
-        self.zo_optimizer = None
-        self._zo_group_index: list[int] = []
+        self.zo_driver = ZODriver(config, owner=type(self).__name__, **driver_kwargs)
         self._zo_loaded: dict[str, Any] | None = None
-        self._zo_reset_step()
-
-    def _zo_reset_step(self) -> None:
-        self._zo_acc: list[float] | None = None
-        self._zo_skip = False
-        self._zo_lp: list[float] = []
-        self._zo_lm: list[float] = []
+        self._zo_step_started: int | None = None
+        self.zo_optimizer: ZOOptimizer | None = None
+        """The ``ZOOptimizer`` of the current fit (None outside ``fit``)."""
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer) -> None:
         self._zo_base.setup(self, trainer)
-        self.zo_optimizer = None
+        self.zo_driver.optimizer = self.zo_optimizer = None
         if trainer.state.fn == "fit":
             self._zo_build(trainer)
 
@@ -189,32 +188,32 @@ class ZOMixin:
                 f"ZO strategies need exactly one optimizer from configure_optimizers (got {len(optimizers)}); "
                 "return one optimizer whose param groups hold the trainable parameters."
             )
-        user_opt = optimizers[0]
-        groups, self._zo_group_index = [], []
-        for i, g in enumerate(user_opt.param_groups):
-            params = [p for p in g["params"] if p.requires_grad]
-            if params:
-                groups.append({"params": params, "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)})
-                self._zo_group_index.append(i)
-        if not groups:
-            raise ValueError("ZO strategy: the optimizer holds no trainable parameters (requires_grad=True).")
         if trainer.gradient_clip_val:
             logger.warning(
                 "gradient_clip_val=%s has no effect under ZO training: there is no gradient tensor to clip "
                 "(the update is lr * g * z with the scalar g). Remove it or leave it; it is ignored.",
                 trainer.gradient_clip_val,
             )
-        self.zo_optimizer = ZOOptimizer(groups, lr=groups[0]["lr"], model=module, **self.zo_config.to_dict())
+        self.zo_optimizer = self.zo_driver.build(optimizers[0], module)
+        scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
+        self.zo_driver.loss_scale = (
+            (lambda: float(scaler.get_scale())) if scaler is not None else (lambda: None)
+        )
         if self._zo_loaded is not None:
             self._zo_load(self._zo_loaded)
-        self._zo_reset_step()
+        self._zo_step_started = None
 
     # ------------------------------------------------------------------ the three overrides
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        opt = self.zo_optimizer
-        if opt is None or not torch.is_grad_enabled():
+        driver = self.zo_driver
+        if driver.optimizer is None or not torch.is_grad_enabled():
             return self._zo_base.training_step(self, *args, **kwargs)
         module = self.lightning_module  # type: ignore[attr-defined]
+        step = module.trainer.global_step
+        if self._zo_step_started != step:  # the first micro-batch of an optimizer step
+            self._zo_step_started = step
+            driver.reset_step()
+            driver.sync(self.optimizers[0])  # type: ignore[attr-defined]
         capture = _LogCapture(module)
         holder: dict[str, Any] = {}
 
@@ -227,17 +226,16 @@ class ZOMixin:
                 return float("nan")
             return _extract_loss(out)
 
-        est = opt.estimate(closure, step=module.trainer.global_step)
+        est, loss = driver.micro_batch(closure, step, self.root_device)  # type: ignore[attr-defined]
         capture.replay(est.calls)  # the perturbed calls; not the core's one-time validation call
         out = holder.get("out")
         if out is None:
+            driver.outstanding -= 1  # Lightning skips backward for a None output
             return None
-        leaf = torch.tensor(est.loss, dtype=torch.float32, device=self.root_device, requires_grad=True)  # type: ignore[attr-defined]
-        leaf.register_hook(lambda grad, est=est: self._zo_accumulate(float(grad), est))
-        return _replace_loss(out, leaf.clone())
+        return _replace_loss(out, loss)
 
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.zo_optimizer is None:
+        if self.zo_driver.optimizer is None:
             return self._zo_base.backward(self, closure_loss, optimizer, *args, **kwargs)
         module = self.lightning_module  # type: ignore[attr-defined]
         self.pre_backward(closure_loss)  # type: ignore[attr-defined]
@@ -252,7 +250,7 @@ class ZOMixin:
     def optimizer_step(
         self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any
     ) -> Any:
-        if self.zo_optimizer is None:
+        if self.zo_driver.optimizer is None:
             return self._zo_base.optimizer_step(self, optimizer, closure, model, **kwargs)
         model = model or self.lightning_module  # type: ignore[attr-defined]
         # closure() (last micro-batch: training_step + backward), then on_before_optimizer_step
@@ -262,40 +260,12 @@ class ZOMixin:
         optimizer.step()  # no .grad anywhere: a no-op that keeps lr_scheduler bookkeeping quiet
         return result
 
-    # ------------------------------------------------------------------ accumulation / update
-    def _zo_accumulate(self, factor: float, est: ZOEstimate) -> None:
-        scaler = getattr(self.precision_plugin, "scaler", None)  # type: ignore[attr-defined]
-        if scaler is not None:  # 16-mixed: the loss was multiplied by the loss scale
-            factor /= float(scaler.get_scale())
-        if est.skipped:
-            self._zo_skip = True
-            return
-        if self._zo_acc is None:
-            self._zo_acc = [0.0] * len(est.projected_grads)
-        for i, g in enumerate(est.projected_grads):
-            self._zo_acc[i] += factor * g
-        self._zo_lp.append(factor * est.losses_plus[-1])
-        self._zo_lm.append(factor * est.losses_minus[-1])
-
+    # ------------------------------------------------------------------ update
     def _zo_update(self, optimizer: Any) -> None:
-        opt = self.zo_optimizer
-        assert opt is not None
         module = self.lightning_module  # type: ignore[attr-defined]
-        for ours, index in zip(opt.param_groups, self._zo_group_index):
-            src = optimizer.param_groups[index]
-            ours["lr"] = src["lr"]
-            ours["weight_decay"] = src.get("weight_decay", 0.0)
         step = module.trainer.global_step
-        skip = self._zo_skip or self._zo_acc is None  # None: every training_step returned None
-        grads, skipped = all_reduce_projected_grads(self._zo_acc or [], skip, self.zo_config)
-        lp = sum(self._zo_lp) if self._zo_lp else float("nan")
-        lm = sum(self._zo_lm) if self._zo_lm else float("nan")
-        opt.finish_step(grads, skipped, step=step, loss_plus=lp, loss_minus=lm)
-        self._zo_reset_step()
-        info = opt.last_step
-        metrics = {"zo_skipped_steps": float(opt.skipped_steps)}
-        if not info.skipped:
-            metrics.update(projected_grad=info.projected_grad, loss_plus=lp, loss_minus=lm)
+        metrics = self.zo_driver.finish(step, optimizer)
+        self._zo_step_started = None
         self._zo_log(module, metrics)
 
     def _zo_log(self, module: pl.LightningModule, metrics: dict[str, float]) -> None:
@@ -310,17 +280,28 @@ class ZOMixin:
         finally:
             module._current_fx_name = prev
 
+    # ------------------------------------------------------------------ abort
+    def on_exception(self, exception: BaseException) -> None:
+        """An exception or interrupt ended ``fit``: drop the half-accumulated step (the
+        weights are already unperturbed: the ZO estimate never leaves them perturbed)."""
+        self.zo_driver.abort()
+        self._zo_step_started = None
+        base = getattr(self._zo_base, "on_exception", None)
+        if base is not None:
+            base(self, exception)
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        if self.zo_optimizer is not None:
+        if self.zo_driver.optimizer is not None:
             checkpoint[ZO_CHECKPOINT_KEY] = {
-                "skipped_steps": self.zo_optimizer.skipped_steps,
+                "state": self.zo_driver.state_dict(),
                 "config": self.zo_config.to_dict(),
                 # Lightning does not checkpoint the global RNG: keep it so dropout masks
                 # after a resume are the ones the uninterrupted run draws
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             }
+            self.zo_driver.optimizer.sync_trajectory()
         self._zo_base.save_checkpoint(self, checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -332,19 +313,27 @@ class ZOMixin:
             torch.set_rng_state(self._zo_loaded["rng_cpu"])
             if self._zo_loaded.get("rng_cuda") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(self._zo_loaded["rng_cuda"])
-        if self._zo_loaded is not None and self.zo_optimizer is not None:
+        if self._zo_loaded is not None and self.zo_driver.optimizer is not None:
             self._zo_load(self._zo_loaded)
         return checkpoint
 
-    def _zo_load(self, state: dict[str, Any]) -> None:
-        saved = state.get("config", {}).get("seed", self.zo_config.seed)
-        if saved != self.zo_config.seed:
+    def _zo_load(self, saved: dict[str, Any]) -> None:
+        seed = saved.get("config", {}).get("seed", self.zo_config.seed)
+        if seed != self.zo_config.seed:
             raise ValueError(
-                f"This checkpoint was written with ZO seed={saved} but the strategy has seed="
+                f"This checkpoint was written with ZO seed={seed} but the strategy has seed="
                 f"{self.zo_config.seed}; resume with the same seed to continue the direction sequence."
             )
-        assert self.zo_optimizer is not None
-        self.zo_optimizer.skipped_steps = int(state.get("skipped_steps", 0))
+        if "state" in saved:
+            self.zo_driver.load_state_dict(saved["state"])
+        else:  # a checkpoint of zo_plugins <= 0.1: counters only
+            logger.warning(
+                "This checkpoint has no ZO optimizer state (written by an older zo_plugins): optimizer=%r's "
+                "state starts afresh.",
+                self.zo_config.optimizer,
+            )
+            assert self.zo_driver.optimizer is not None
+            self.zo_driver.optimizer.skipped_steps = int(saved.get("skipped_steps", 0))
 
 
 def _zo_config(kwargs: dict[str, Any], allow_rest: bool) -> tuple[ZOConfig, dict[str, Any]]:
@@ -373,6 +362,8 @@ class ZOStrategy(ZOMixin, SingleDeviceStrategy):
         accelerator: Any = None,
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
+        ranking_oracle: Callable[[list[Any]], Any] | None = None,
+        mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None = None,
         **zo_config_fields: Any,
     ) -> None:
         config, _ = _zo_config(zo_config_fields, allow_rest=False)
@@ -383,7 +374,7 @@ class ZOStrategy(ZOMixin, SingleDeviceStrategy):
             precision_plugin=precision_plugin,
         )
         self._device_given = device is not None
-        self._zo_init(config, SingleDeviceStrategy)
+        self._zo_init(config, SingleDeviceStrategy, ranking_oracle=ranking_oracle, mask_fn=mask_fn)
 
     # The Trainer's accelerator connector hands `parallel_devices` to strategies that have
     # the attribute: that is how the device comes from `Trainer(accelerator=, devices=)`.
@@ -437,10 +428,12 @@ class ZODDPStrategy(ZOMixin, DDPStrategy):
 
     strategy_name = "zo_ddp"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(
+        self, *, ranking_oracle: Callable | None = None, mask_fn: Callable | None = None, **kwargs: Any
+    ) -> None:
         config, rest = _zo_config(kwargs, allow_rest=True)
         super().__init__(**rest)
-        self._zo_init(config, DDPStrategy)
+        self._zo_init(config, DDPStrategy, ranking_oracle=ranking_oracle, mask_fn=mask_fn)
 
 
 _with_zo_signature(ZODDPStrategy, DDPStrategy.__init__, keep_var_keyword=True)
@@ -459,8 +452,15 @@ class ZOLightningCallback(Callback):
     names them.  Equivalent to ``ZOStrategy`` / ``ZODDPStrategy`` bit for bit (tested).
     """
 
-    def __init__(self, **zo_config_fields: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ranking_oracle: Callable[[list[Any]], Any] | None = None,
+        mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None = None,
+        **zo_config_fields: Any,
+    ) -> None:
         self.config = ZOConfig(**zo_config_fields)
+        self._driver_kwargs = {"ranking_oracle": ranking_oracle, "mask_fn": mask_fn}
         self._bound: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -481,14 +481,27 @@ class ZOLightningCallback(Callback):
             if inspect.isfunction(fn):
                 setattr(strategy, name, types.MethodType(fn, strategy))
                 self._bound.append(name)
-        strategy._zo_init(self.config, type(strategy))  # type: ignore[attr-defined]
+        strategy._zo_init(self.config, type(strategy), **self._driver_kwargs)  # type: ignore[attr-defined]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unbind(trainer.strategy)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning calls the strategy's on_exception after the callbacks': let it drop the
+        # half-accumulated step first, then unbind (teardown does not run after an exception)
         strategy = trainer.strategy
+        if "on_exception" in strategy.__dict__:
+            strategy.on_exception(exception)
+        self._unbind(strategy)
+
+    def _unbind(self, strategy: Any) -> None:
         for name in self._bound:
             strategy.__dict__.pop(name, None)
         self._bound = []
-        strategy.__dict__.pop("zo_optimizer", None)
+        for attr in ("zo_optimizer", "zo_driver", "zo_config", "_zo_base", "_zo_loaded", "_zo_step_started"):
+            strategy.__dict__.pop(attr, None)
 
 
 StrategyRegistry.register(
