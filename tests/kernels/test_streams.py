@@ -67,9 +67,11 @@ def test_gaussian_within_ulp_bound_of_the_pytorch_reference():
     want = ref.direction(n, distribution="gaussian", seed=SEED, key=KEY)
     ulps = max_ulp_diff(got, want)
     assert ulps <= GAUSSIAN_ULP, f"max ulp difference {ulps} > {GAUSSIAN_ULP}"
-    # the integer/uniform part is exact: a third of the elements differ, by an ulp or so
+    # the integer and uniform parts are exact and only log/cos/sin differ by an ulp here and
+    # there (a third of the elements on the interpreter vs PyTorch CPU; possibly none where both
+    # sides use the same math library, as on a GPU): most elements must agree bit for bit
     differ = (got != want).float().mean().item()
-    assert 0.0 < differ < 0.5, differ
+    assert differ < 0.5, differ
 
 
 def test_gaussian_reference_is_chunk_invariant():
