@@ -91,6 +91,14 @@ def test_gaussian_costs_one_philox_call_per_four_normals_per_thread(compile_repo
         assert r["ptx"]["mul_hi"] <= 20 * calls, f"{r['name']} sm_{r['arch']}: {r['ptx']['mul_hi']} mul.hi"
 
 
+def test_half_precision_rounds_to_nearest_with_the_hardware_conversion(compile_report):
+    # cvt.rn (IEEE round to nearest even) instead of the interpreter's bit arithmetic; the GPU
+    # check (scripts/gpu_check.py) compares it with torch's casts and the core's rounding
+    for dtype in ("bfloat16", "float16"):
+        for r in hot(compile_report, dtype=dtype, op="perturb"):
+            assert r["ptx"]["cvt_rn_half"] > 0, f"{r['name']} sm_{r['arch']}"
+
+
 def test_the_number_of_terms_does_not_change_the_compiled_kernel_beyond_one(compile_report):
     # K >= 2 runs the term loop at run time: K = 2, 3, 4 are one kernel with the same registers
     for r in rows(compile_report, arch=90, op="perturb", aligned=True, tails=False, K=3) + rows(

@@ -142,39 +142,51 @@ def triton_self_check(device: torch.device | str) -> str | None:
 
 
 def _run_self_check(device: torch.device) -> str | None:
+    """Every Triton pass against the PyTorch pass, Rademacher directions, on several tensors per
+    launch (the kernels' tensor bisection): odd sizes (whole tiles and a partial one; the CUDA
+    tiles are 2048 / 4096 elements), a frozen element, in fp32, bf16 (also a view at an odd
+    storage offset: the unaligned, scalar path) and fp16 (the hardware's round-to-nearest)."""
     err = _triton_import_error()
     if err is not None:
         return f"triton does not import ({err}); {TRITON_INSTALL_HINT}"
     tp = _triton_passes()
     gen = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        for numel in (1, 300, 4099):  # odd sizes: partial tiles and a masked tail
-            theta = (torch.randn(numel, generator=gen) * 0.02).to(dtype).to(device)
-            ours, ref = theta.clone(), theta.clone()
-            spec_t = ParamSpec(ours, f"check.{numel}", 0x5E1F + numel, frozen_rows=(0,) if numel > 1 else ())
-            spec_r = ParamSpec(ref, spec_t.name, spec_t.key, spec_t.frozen_rows)
-            terms = [(11, 1e-3), (12, -2e-3)]
-            kw = dict(distribution="rademacher", chunk_size=1 << 16)
-            if dtype == torch.float32:
-                tp.perturb([spec_t], terms, **kw)
-                TORCH_PASSES.perturb([spec_r], terms, **kw)
-                if not torch.equal(ours, ref):
-                    return f"the Triton perturbation pass disagrees with PyTorch on {device} ({dtype}, n={numel})"
-            copy_t = tp.copy(spec_t, terms, **kw)
-            copy_r = TORCH_PASSES.copy(spec_r, terms, **kw)
-            if not torch.equal(copy_t, copy_r):
-                return f"the Triton perturbed copy disagrees with PyTorch on {device} ({dtype}, n={numel})"
-            tp.update(spec_t, restore=[], update=[(13, -1e-4)], decay=1e-3, round_seed=5, **kw)
-            TORCH_PASSES.update(spec_r, restore=[], update=[(13, -1e-4)], decay=1e-3, round_seed=5, **kw)
-            if not torch.equal(ours, ref):
-                return f"the Triton update pass disagrees with PyTorch on {device} ({dtype}, n={numel})"
-            st_t = {"momentum_buffer": torch.zeros(numel, dtype=torch.float32, device=device)}
-            st_r = {"momentum_buffer": torch.zeros(numel, dtype=torch.float32, device=device)}
-            rule_kw = dict(rule="momentum", restore=[], grads=[(14, 0.5)], lr=1e-3, weight_decay=0.0, **kw)
-            tp.rule_group([spec_t], states=[st_t], steps=[1], **rule_kw)
-            TORCH_PASSES.rule_group([spec_r], states=[st_r], steps=[1], **rule_kw)
-            if not (torch.equal(ours, ref) and torch.equal(st_t["momentum_buffer"], st_r["momentum_buffer"])):
-                return f"the Triton momentum pass disagrees with PyTorch on {device} ({dtype}, n={numel})"
+    kw = dict(distribution="rademacher", chunk_size=1 << 16)
+    terms = [(11, 1e-3), (12, -2e-3)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sizes = (1, 300, 8197) + ((4099,) if dtype == torch.bfloat16 else ())
+        ours, ref = [], []
+        for i, numel in enumerate(sizes):
+            offset = 1 if i == 3 else 0  # a contiguous view 2 bytes past an aligned address
+            theta = (torch.randn(numel + offset, generator=gen) * 0.02).to(dtype).to(device)[offset:]
+            frozen = (0,) if numel > 1 else ()
+            ours.append(ParamSpec(theta, f"check.{numel}", 0x5E1F + numel, frozen))
+            ref.append(ParamSpec(theta.clone(), f"check.{numel}", 0x5E1F + numel, frozen))
+        what = f"on {device} ({dtype}, sizes {sizes})"
+
+        def same(a: list[ParamSpec], b: list[ParamSpec]) -> bool:
+            return all(torch.equal(x.param, y.param) for x, y in zip(a, b))
+
+        tp.perturb(ours, terms, **kw)
+        TORCH_PASSES.perturb(ref, terms, **kw)
+        if not same(ours, ref):
+            return f"the Triton perturbation pass disagrees with PyTorch {what}"
+        for x, y in zip(ours, ref):
+            if not torch.equal(tp.copy(x, terms, **kw), TORCH_PASSES.copy(y, terms, **kw)):
+                return f"the Triton perturbed copy disagrees with PyTorch {what}"
+        upd = dict(restore=[(12, 2e-3)], update=[(13, -1e-4)], decay=1e-3, round_seed=5, **kw)
+        tp.update_group(ours, **upd)
+        TORCH_PASSES.update_group(ref, **upd)
+        if not same(ours, ref):
+            return f"the Triton update pass disagrees with PyTorch {what}"
+        st_t = [{"momentum_buffer": torch.zeros(s.param.shape, device=device)} for s in ours]
+        st_r = [{"momentum_buffer": torch.zeros(s.param.shape, device=device)} for s in ref]
+        rule_kw = dict(rule="momentum", restore=[], grads=[(14, 0.5)], lr=1e-3, weight_decay=0.0, **kw)
+        tp.rule_group(ours, states=st_t, steps=[1] * len(ours), **rule_kw)
+        TORCH_PASSES.rule_group(ref, states=st_r, steps=[1] * len(ref), **rule_kw)
+        bufs = all(torch.equal(a["momentum_buffer"], b["momentum_buffer"]) for a, b in zip(st_t, st_r))
+        if not (same(ours, ref) and bufs):
+            return f"the Triton momentum pass disagrees with PyTorch {what}"
     return None
 
 

@@ -427,7 +427,12 @@ def compile_variant(v: Variant, arch: int) -> Compiled:
         n_spills=n_spills,
         shared=int(ck.metadata.shared),
         compile_s=round(dt, 3),
-        ptx=dict(accesses=_ptx_accesses(ptx), mul_hi=ptx.count("mul.hi.u32"), lines=ptx.count("\n")),
+        ptx=dict(
+            accesses=_ptx_accesses(ptx),
+            mul_hi=ptx.count("mul.hi.u32"),
+            cvt_rn_half=len(re.findall(r"cvt\.rn\.(?:bf16|f16)", ptx)),
+            lines=ptx.count("\n"),
+        ),
         sass=sass,
         estimate=_estimate(v, block, sass, arch),
     )
