@@ -456,7 +456,7 @@ def main(argv=None) -> int:
             print("--cpu-smoke needs TRITON_INTERPRET=1 in the environment.", file=sys.stderr)
             return 2
         device = torch.device("cpu")
-        args.numel, args.small_count, args.hidden, args.layers, args.batch, args.seq = 1 << 12, 8, 32, 2, 2, 8
+        args.numel, args.small_count, args.hidden, args.layers, args.batch, args.seq = 1 << 12, 2, 32, 2, 2, 8
         args.reps, args.csv = 1, None
     elif not torch.cuda.is_available():
         print(
