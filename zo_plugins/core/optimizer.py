@@ -28,11 +28,11 @@ from torch import nn
 
 from ..config import ZOConfig
 from .backend import Passes, passes_for_masks, select_backend
-from .distributed import all_reduce_projected_grads
+from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
 from .interrupts import deferred_interrupts
 from .noise import PHILOX_GAUSSIAN, STREAM_VERSION
-from .params import build_blocks, build_group_specs, model_names, resolve_modes
+from .params import build_blocks, build_group_specs, model_names, model_order, resolve_modes
 from .passes import ParamSpec
 from .perturbation import Perturber, direction_tensor
 from .plan import StepPlan, make_plan, step_seeds
@@ -157,6 +157,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._weight_norm: float | None = None
         self._warned_update = False
         self.last_step = ZOStepInfo()
+        check_launch()
 
     # ------------------------------------------------------------------ setup
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -192,7 +193,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._mode = resolve_modes(self.specs(), cfg, self.model, unperturbed=unperturbed)
         self.backend, self._passes, self.backend_reason = select_backend(cfg.backend, self.specs())
         self.stream = self._resolve_stream()
-        self._blocks = build_blocks(self.specs())
+        self._ordered = model_order(self.specs(), self.model)
+        self._blocks = build_blocks(self._ordered)
 
     def _resolve_stream(self) -> str:
         """The stream name the passes draw directions from (``core.noise.STREAMS``)."""
@@ -252,7 +254,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return make_plan(
             step,
             config=self.config,
-            specs=self.specs(),
+            specs=self._ordered,
             blocks=self._blocks,
             passes_for=lambda specs: passes_for_masks(self.backend, self._passes, specs),
             stream=self.stream,

@@ -23,7 +23,7 @@ from .rounding import HALF_DTYPES
 if TYPE_CHECKING:  # annotations only: config imports the registries of the core
     from ..config import ZOConfig
 
-__all__ = ["model_names", "build_group_specs", "build_blocks", "resolve_modes"]
+__all__ = ["model_names", "model_order", "build_group_specs", "build_blocks", "resolve_modes"]
 
 
 def model_names(model: nn.Module | None) -> tuple[dict[int, str], dict[int, tuple[int, ...]]]:
@@ -78,8 +78,19 @@ def build_group_specs(
     return out
 
 
+def model_order(specs: Sequence[ParamSpec], model: nn.Module | None) -> list[ParamSpec]:
+    """``specs`` in the model's parameter order (the order the tensors appear in
+    ``model.named_parameters()``), whatever param groups they were given in: what is drawn
+    per tensor index (``cge`` coordinates, block-wise blocks) must not depend on how a
+    framework split the tensors into groups."""
+    if model is None:
+        return list(specs)
+    rank = {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=True))}
+    return sorted(specs, key=lambda s: rank.get(s.name, len(rank)))
+
+
 def build_blocks(specs: Sequence[ParamSpec]) -> list[list[ParamSpec]]:
-    """Blocks for block-wise descent, in first-appearance order."""
+    """Blocks for block-wise descent, in first-appearance order of ``specs``."""
     blocks: dict[str, list[ParamSpec]] = {}
     for spec in specs:
         parts = spec.name.split(".")

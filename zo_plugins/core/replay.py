@@ -45,7 +45,10 @@ def replay(
     """
     trajectory = read_log(log)
     header, records = trajectory.header, trajectory.records
+    named = dict(model.named_parameters())
     stream_version = header.get("stream_version", 1)
+    if stream_version == 1 and STREAM_VERSION == 2 and not _rounds_half_precision(header, named):
+        stream_version = STREAM_VERSION  # streams 1 and 2 differ only in half-precision stochastic rounding
     if stream_version != STREAM_VERSION and not allow_version_mismatch:
         raise TrajectoryError(
             f"{log} was written with direction stream version {stream_version} and this library draws "
@@ -64,7 +67,6 @@ def replay(
         )
     if recorded_mask is None and mask_fn is not None:
         raise TrajectoryError(f"{log} was trained without a mask_fn; do not pass one to replay it.")
-    named = dict(model.named_parameters())
     groups: list[dict[str, Any]] = []
     for names in header["groups"]:
         missing = [n for n in names if n not in named]
@@ -128,3 +130,10 @@ def _in_place_names(header: dict[str, Any], named: dict[str, torch.Tensor]) -> s
     if mode == "in-place":
         return names
     return {n for n in names if named[n].dtype not in HALF_DTYPES}
+
+
+def _rounds_half_precision(header: dict[str, Any], named: dict[str, torch.Tensor]) -> bool:
+    """Whether the run rounded bf16/fp16 updates stochastically (what stream 1 drew differently)."""
+    if not header["config"].get("stochastic_rounding", True):
+        return False
+    return any(n in named and named[n].dtype in HALF_DTYPES for g in header["groups"] for n in g)

@@ -142,13 +142,14 @@ class _Spec:
     n_queries: int
     count: int  # projected gradients per non-skipped step
     n_groups: int
+    in_place: bool = True
     _plain: list[list[list[float]]] | None = None
 
     @property
     def plain(self) -> list[list[list[float]]]:
         # built once per log and shared by its plain records (n_queries may be large)
         if self._plain is None:
-            self._plain = plain_shifts(self.eps, self.n_queries)
+            self._plain = plain_shifts(self.eps, self.n_queries) if self.in_place else []
         return self._plain
 
 
@@ -207,7 +208,14 @@ def _check_header(h: Any) -> _Spec:
     except (TypeError, ValueError) as e:
         raise _Bad(f"the header's config is invalid: {e}") from None
     count = cfg["cge_coordinates"] if cfg["estimator"] == "cge" else cfg["n_queries"]
-    return _Spec(v, float(cfg["eps"]), cfg["n_queries"], count, len(groups))
+    in_place = h.get("in_place")
+    if in_place is not None and not (
+        isinstance(in_place, list) and all(isinstance(n, str) for n in in_place)
+    ):
+        raise _Bad(f"the header's in_place is {in_place!r}, not a list of parameter names.")
+    # a run that perturbs nothing in place makes no in-place passes: its plain step records none
+    perturbs_in_place = in_place is None or bool(in_place)
+    return _Spec(v, float(cfg["eps"]), cfg["n_queries"], count, len(groups), perturbs_in_place)
 
 
 # ---------------------------------------------------------------------------- records

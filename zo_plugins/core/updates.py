@@ -193,6 +193,9 @@ def _conservative_accept(
         raise ValueError("optimizer='zo-sgd-conservative' needs one learning rate for all param groups.")
     lr = lrs.pop()
     new = opt.probe_loss(plan, plan.terms([-lr * g / len(grads) for g in grads]), probe)
+    from .distributed import all_reduce_mean
+
+    new, baseline = all_reduce_mean([new, baseline], opt.config)  # every rank takes the same decision
     sign = -1.0 if opt.config.maximize else 1.0
     return math.isfinite(new) and sign * new <= sign * baseline
 

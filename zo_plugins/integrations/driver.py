@@ -105,11 +105,12 @@ class ZODriver:
         ``weight_decay`` are copied (the framework's scheduler sets them)."""
         opt = self._require()
         inner = _inner(framework_optimizer)
-        if len(inner.param_groups) > self._framework_groups:
-            for i, g in self._new_groups(framework_optimizer, start=self._framework_groups):
-                opt.add_param_group(g)
-                self._framework_index.append(i)
-            self._framework_groups = len(inner.param_groups)
+        # new groups, and tensors of existing groups that were frozen when training started and
+        # have been unfrozen since (Lightning's BaseFinetuning does both)
+        for i, g in self._new_groups(framework_optimizer, start=0):
+            opt.add_param_group(g)
+            self._framework_index.append(i)
+        self._framework_groups = len(inner.param_groups)
         for ours, index in zip(opt.param_groups, self._framework_index):
             src = inner.param_groups[index]
             ours["lr"] = src["lr"]

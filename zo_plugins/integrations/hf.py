@@ -27,6 +27,7 @@ itself and runs the real forward.  An exception inside the wrapper removes it to
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -306,7 +307,9 @@ class ZOCallback(TrainerCallback):
                     "perturbation='in-place' runs them through the compiled forward."
                 )
 
+        # functools.wraps: the Trainer reads the forward's signature to keep the dataset columns
         @torch.compiler.disable
+        @functools.wraps(orig)
         def zo_forward(*args: Any, **kwargs: Any) -> Any:
             if not (model.training and torch.is_grad_enabled()):
                 return orig(*args, **kwargs)
