@@ -3,6 +3,7 @@ accelerate launch).  Writes this rank's final parameters and counters to OUT_DIR
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -13,7 +14,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from zo_testing import install_comm_counters, tiny_hf_model  # noqa: E402
 
 MODE, OUT_DIR = sys.argv[1], sys.argv[2]
+ZO = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 STEPS = 4
+METHODS = {  # mode "methods": every estimator's collective, one launch
+    "spsa-3": {"n_queries": 3},
+    "forward-2": {"estimator": "forward", "n_queries": 2},
+    "forward-grad": {"estimator": "forward-grad"},
+    "cge": {"estimator": "cge", "cge_coordinates": 5},
+    "rank-3": {"estimator": "rank", "n_queries": 3},
+    "adam": {"optimizer": "zo-adam"},
+    "conservative": {"optimizer": "zo-sgd-conservative", "lr": 0.1},  # large: some steps get worse
+}
 
 counters = install_comm_counters()
 
@@ -46,37 +57,52 @@ def run_hf() -> torch.nn.Module:
         ddp_backend="gloo",
         gradient_accumulation_steps=2,
     )
-    Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[ZOCallback(eps=1e-3)]).train()
-    return model
+    cb = ZOCallback(**{"eps": 1e-3, **ZO})
+    Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[cb]).train()
+    return model, cb.optimizer
 
 
-def run_plain() -> torch.nn.Module:
+def run_plain(zo=None) -> torch.nn.Module:
     from zo_plugins import ZOOptimizer
 
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
     model = tiny_hf_model("opt", dropout=0.1)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = ZOOptimizer(model, lr=1e-3, eps=1e-3)
+    zo = dict(ZO if zo is None else zo)
+    opt = ZOOptimizer(model, lr=zo.pop("lr", 1e-3), eps=1e-3, **zo)
     data = dataset()
     rank = dist.get_rank()
     for step in range(STEPS):
         rows = data[(2 * step + rank) * 4 : (2 * step + rank + 1) * 4]  # each rank its own shard
         batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         opt.step(lambda: ddp(**batch).loss)
-    return model
+    return model, opt
 
 
-model = run_hf() if MODE == "hf" else run_plain()
-rank = dist.get_rank()
-torch.save(
-    {
+def snapshot(model, opt) -> dict:
+    return {
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "grads": [n for n, p in model.named_parameters() if p.grad is not None],
         "world": dist.get_world_size(),
-        **counters,
-    },
-    os.path.join(OUT_DIR, f"rank{rank}.pt"),
-)
+        "grads_per_step": opt.grads_per_step,
+        "projected_grads": opt.last_step.projected_grads,
+        "rejected_steps": opt.rejected_steps,
+        **{k: (list(v) if isinstance(v, list) else v) for k, v in counters.items()},
+    }
+
+
+if MODE == "methods":  # one launch, every method; counters are per method
+    result = {}
+    for name, zo in METHODS.items():
+        for k in ("scalar_all_reduces", "scalar_numel", "ddp_bucket_all_reduces"):
+            counters[k] = 0
+        counters["local_grads"] = []
+        result[name] = snapshot(*run_plain(zo))
+else:
+    result = snapshot(*(run_hf() if MODE == "hf" else run_plain()))
+rank = dist.get_rank()
+torch.save(result, os.path.join(OUT_DIR, f"rank{rank}.pt"))
 # Leave the process group cleanly: tearing gloo down in interpreter-exit destructors can
 # abort ("terminate called without an active exception").
 dist.barrier()

@@ -30,7 +30,7 @@ def launch(cmd: list[str], out: Path) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-def check(ranks: list[dict], steps: int = STEPS) -> None:
+def check(ranks: list[dict], steps: int = STEPS, grads_per_step: int = 1) -> None:
     """Both ranks bit-identical, no .grad, DDP buckets idle, one ZO all-reduce per step."""
     a, b = ranks
     assert a["world"] == b["world"] == 2
@@ -39,12 +39,12 @@ def check(ranks: list[dict], steps: int = STEPS) -> None:
     for r in ranks:
         assert r["grads"] == [], "no parameter .grad may be allocated"
         assert r["ddp_bucket_all_reduces"] == 0, "DDP gradient buckets must stay idle"
-        # one all-reduce of (n_queries + 1) float64 values per optimizer step
+        # one all-reduce of (projected gradients per step + 1) float64 values per optimizer step
         assert r["scalar_all_reduces"] == steps
-        assert r["scalar_numel"] == steps * 2
+        assert r["scalar_numel"] == steps * (grads_per_step + 1)
 
 
-def torchrun_cmd(mode: str, out: Path, job: Path = JOB) -> list[str]:
+def torchrun_cmd(mode: str, out: Path, job: Path = JOB, zo: str | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -56,6 +56,7 @@ def torchrun_cmd(mode: str, out: Path, job: Path = JOB) -> list[str]:
         str(job),
         mode,
         str(out),
+        *([zo] if zo else []),
     ]
 
 
@@ -91,3 +92,33 @@ def test_accelerate_launch_two_processes(tmp_path):
         str(tmp_path),
     ]
     check(launch(cmd, tmp_path))
+
+
+def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
+    """cge (whose collective is cge_coordinates long), rank and several queries, the forward
+    difference, forward-grad, Adam and the conservative rule under DDP: ranks bit-identical
+    and the applied projected gradient is the mean of the two ranks' own estimates."""
+    a, b = launch(torchrun_cmd("methods", tmp_path), tmp_path)
+    assert a.keys() == b.keys() and len(a) == 7
+    for name in a:
+        ra, rb = a[name], b[name]
+        if name == "conservative":  # and one all-reduce of (probe loss, baseline) per step
+            for r in (ra, rb):
+                assert r["scalar_all_reduces"] == 2 * STEPS and r["scalar_numel"] == STEPS * (2 + 2)
+                r["scalar_all_reduces"], r["scalar_numel"] = STEPS, 2 * STEPS
+                r["local_grads"] = r["local_grads"][::2]
+        check([ra, rb], grads_per_step=ra["grads_per_step"])
+        assert ra["grads_per_step"] == {"spsa-3": 3, "forward-2": 2, "cge": 5, "rank-3": 3}.get(name, 1)
+        la, lb = ra["local_grads"][-1], rb["local_grads"][-1]  # last step's local values (+ skip flag)
+        assert la != lb, f"{name}: each rank estimated on its own shard"
+        assert ra["rejected_steps"] == rb["rejected_steps"], "ranks must take the same accept/reject decision"
+        if name == "conservative":
+            assert 0 < ra["rejected_steps"], "some steps must be rejected for the decision to be tested"
+        if name != "conservative":
+            expected = [(x + y) / 2 for x, y in zip(la[:-1], lb[:-1])]
+            assert ra["projected_grads"] == rb["projected_grads"] == expected, name
+
+
+def test_hf_trainer_ranks_agree_with_rank_estimator_and_three_queries(tmp_path):
+    ranks = launch(torchrun_cmd("hf", tmp_path, zo='{"estimator": "rank", "n_queries": 3}'), tmp_path)
+    check(ranks, grads_per_step=3)

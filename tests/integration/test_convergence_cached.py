@@ -61,9 +61,17 @@ class _Prompts(torch.utils.data.Dataset):
 
 def _model():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=True, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
     return tf.LlamaForCausalLM(cfg)
 
 
@@ -72,8 +80,10 @@ def _setup(conv, ex, trainable):
     collate = ex.make_collator(0)
     train, evals = _Prompts(24, 1), _Prompts(20, 2)
     states = [conv.cache_block_inputs(model, ds, collate, 8, 2) for ds in (train, evals)]
-    sets = [conv.StateDataset(st, [y for _, y in ds.items], [ids[-1] for ids, _ in ds.items])
-            for st, ds in zip(states, (train, evals))]
+    sets = [
+        conv.StateDataset(st, [y for _, y in ds.items], [ids[-1] for ids, _ in ds.items])
+        for st, ds in zip(states, (train, evals))
+    ]
     task = conv.TopBlocksTask(model, 2, sets[0], sets[1], LABELS, 8)
     return model, task, collate, train, evals
 
@@ -127,7 +137,9 @@ def test_zo_steps_on_the_cut_model_equal_steps_on_the_full_model(conv, ex, train
     cut model's run and a run of the whole model end at the same weights (to float rounding of
     the losses), and the frozen layers below are untouched."""
     model, task, collate, train, _ = _setup(conv, ex, trainable)
-    below = {n: p.detach().clone() for n, p in model.named_parameters() if ".layers.0." in n or ".layers.1." in n}
+    below = {
+        n: p.detach().clone() for n, p in model.named_parameters() if ".layers.0." in n or ".layers.1." in n
+    }
     batches = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7]), torch.tensor([8, 9, 10, 11])]
 
     task.fresh()

@@ -217,3 +217,50 @@ def test_torch_compile(tmp_path):
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(abs(h["projected_grad"]) > 0 for h in trainer.state.log_history if "loss" in h)
+
+
+def test_grad_norm_reports_the_zo_gradient_estimate_not_zero(tmp_path):
+    model = tiny_hf_model("opt")
+    cb = ZOCallback(eps=1e-3, distribution="rademacher")
+    trainer = Trainer(
+        model=model, args=args_for(tmp_path, max_steps=2), train_dataset=lm_dataset(), callbacks=[cb]
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    dims = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for h in logs:
+        # one Rademacher direction: |d| = |g| * sqrt(D) exactly (the stock log said 0.0)
+        assert h["grad_norm"] == pytest.approx(abs(h["projected_grad"]) * dims**0.5, rel=1e-6)
+        assert h["grad_norm"] > 0
+
+
+def test_a_ranking_oracle_ranks_generated_text_through_the_callback(tmp_path):
+    """objective returns text (here: greedy continuations) and the oracle ranks it; nothing
+    converts the outputs to numbers, and the update follows the ranking."""
+    model = tiny_hf_model("gpt2")
+    seen = []
+
+    def generate(model, batch):
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    batch["input_ids"][:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0
+                )
+        finally:
+            model.train()
+        return " ".join(map(str, out[0, 4:].tolist()))  # "text"
+
+    def oracle(texts):
+        seen.append(list(texts))
+        return sorted(range(len(texts)), key=lambda j: (sum(map(int, texts[j].split())), j))
+
+    before = params_snapshot(model)
+    cb = ZOCallback(generate, estimator="rank", n_queries=3, eps=1e-2, ranking_oracle=oracle)
+    trainer = Trainer(
+        model=model, args=args_for(tmp_path, max_steps=2), train_dataset=lm_dataset(), callbacks=[cb]
+    )
+    trainer.train()
+    assert len(seen) == 2 and all(isinstance(t, str) for t in seen[0]) and len(seen[0]) == 3
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert cb.last_estimate.outputs == seen[-1]

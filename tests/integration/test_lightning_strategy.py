@@ -322,3 +322,42 @@ def test_resume_with_dropout_is_bit_exact(tmp_path):
     resumed = DropoutRegression(lr=0.05)
     trainer(max_steps=6).fit(resumed, loader(n=24), ckpt_path=tmp_path / "step=3.ckpt")
     assert_bit_identical(params_snapshot(full), params_snapshot(resumed))
+
+
+@pytest.mark.parametrize("filtered", [True, False])
+def test_backbone_unfrozen_by_a_finetuning_callback_trains_from_then_on(filtered):
+    """Lightning's BaseFinetuning freezes the backbone, then unfreezes it at epoch 1 and calls
+    optimizer.add_param_group: the ZO strategy picks the new group up (its tensors are
+    perturbed and updated from that step on, with the group's own learning rate).  When
+    configure_optimizers already held the frozen tensors, BaseFinetuning adds no group and the
+    tensors train in their group, as under backprop."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class UnfreezeAtEpoch1(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.net[0])
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            if epoch == 1:
+                self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=0.02)
+
+    snaps = {}
+
+    class Snap(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            snaps[trainer.current_epoch] = params_snapshot(pl_module)
+
+    class Filtered(Regression):
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    model = (Filtered if filtered else Regression)(lr=0.05, log_loss=False)
+    before = params_snapshot(model)
+    t = trainer(max_steps=8, strategy=ZOStrategy(eps=1e-3), callbacks=[UnfreezeAtEpoch1(), Snap()])
+    t.fit(model, loader(batch_size=8, n=32))  # 4 steps per epoch
+    assert torch.equal(snaps[0]["net.0.weight"], before["net.0.weight"]), "frozen during epoch 0"
+    assert not torch.equal(snaps[0]["net.2.weight"], before["net.2.weight"])
+    assert not torch.equal(snaps[1]["net.0.weight"], snaps[0]["net.0.weight"]), "trained after unfreezing"
+    opt = t.strategy.zo_optimizer
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.02 if filtered else 0.05]
+    assert {s.name for s in opt.specs()} == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
