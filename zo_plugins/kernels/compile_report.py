@@ -506,6 +506,31 @@ def _table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the docs' table (docs/triton.md), one row per compiled variant."""
+    head = (
+        "| variant | sm | regs | spills | ld B | st B | mul.hi | hot SASS | cycles/elem | est. ceiling |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    out = [head]
+    for r in sorted(report["variants"], key=lambda r: (r["arch"] != 90, r["name"])):
+        if "error" in r or r.get("same_as"):
+            continue
+        widths = lambda d: "/".join(str(b) for b in sorted(map(int, d), reverse=True)) or "-"  # noqa: E731
+        est = r["estimate"] or {}
+        ceil = (
+            ", ".join(f"{k.split(' ', 1)[1]} {v:.0f}%" for k, v in est.items() if k.startswith("ceiling"))
+            or "-"
+        )
+        cyc = f"{est['cycles_per_element']:.2f}" if est else "-"
+        out.append(
+            f"| {r['name']} | {r['arch']} | {r['n_regs']} | {r['n_spills']} | {widths(r['ptx']['accesses']['ld'])} "
+            f"| {widths(r['ptx']['accesses']['st'])} | {r['ptx']['mul_hi']} | {r['sass']['hot_instructions']} "
+            f"| {cyc} | {ceil} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
@@ -513,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="compile only variants whose name contains this")
     ap.add_argument("--jobs", type=int, default=1, help="parallel compiles")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--markdown", action="store_true", help="print the docs' table instead of the text one")
     ap.add_argument("--cache-dir", default=None, help="Triton cache to use (default: a fresh temporary one)")
     args = ap.parse_args(argv)
     problem = toolchain_problem()
