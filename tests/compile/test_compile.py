@@ -137,7 +137,7 @@ def test_register_bounds_of_every_variant(compile_report):
 
 def test_rademacher_hot_passes_are_not_issue_bound(compile_report):
     # issue cycles per element on sm_90 (estimated from the hot-path SASS): 0.69-0.90 measured;
-    # an H100 must spend <= 2.3 (fp32) / 1.2 (bf16) for the pass to reach its HBM bandwidth
+    # an H100 must spend <= 2.5 (fp32) / 1.25 (bf16) for the pass to reach its HBM bandwidth
     for r in hot(compile_report, arch=90, distribution="rademacher", op="perturb"):
         est = r["estimate"]
         assert est is not None and est["cycles_per_element"] <= 1.2, (r["name"], est)
