@@ -7,6 +7,7 @@ from .core.optimizer import ZOEstimate, ZOOptimizer, ZOStepInfo
 from .core.replay import replay
 from .core.trajectory import TrajectoryError, read_log, read_trajectory
 from .core.updates import UPDATE_RULES, UpdateRule, register_update_rule
+from .kernels import backend as _kernel_backend  # noqa: F401 - registers the Triton loader (no Triton import)
 
 __all__ = [
     "ZOConfig",

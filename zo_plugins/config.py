@@ -7,8 +7,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .core.backend import BACKENDS
 from .core.noise import DISTRIBUTIONS, GAUSSIAN_BLOCK
+from .core.registry import BACKENDS, ESTIMATORS, UPDATE_RULES
 
 __all__ = [
     "ZOConfig",
@@ -193,9 +193,6 @@ class ZOConfig:
                 "(1 is MeZO's setting)."
             )
         _check_choice("distribution", self.distribution, DIRECTIONS)
-        from .core.estimators import ESTIMATORS
-        from .core.updates import UPDATE_RULES
-
         _check_choice("estimator", self.estimator, tuple(ESTIMATORS))
         _check_choice("optimizer", self.optimizer, tuple(UPDATE_RULES))
         _check_choice("sparsity_mode", self.sparsity_mode, SPARSITY_MODES)

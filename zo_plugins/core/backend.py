@@ -5,9 +5,9 @@ Two backends share one set of keyword-only signatures (``Passes``, the contract 
 
 * ``"torch"`` -- the PyTorch passes of ``core.passes`` and ``core.updates`` (any device);
 * ``"triton"`` -- the fused kernels of ``zo_plugins.kernels`` (CUDA; CPU only under
-  ``TRITON_INTERPRET=1``, for tests).  The kernels import the core; the core loads them by
-  module name (``importlib``) only when this backend is chosen, so there is no import cycle
-  and no Triton import on the PyTorch path.
+  ``TRITON_INTERPRET=1``, for tests).  The kernels import the core, never the reverse:
+  ``zo_plugins.kernels`` registers a loader here (``register_backend``), which imports Triton
+  and the kernel modules only when this backend is chosen.
 
 ``backend="auto"`` chooses Triton for CUDA tensors only after a **first-use check** on that
 device: a few small tensors of odd sizes go through every Triton pass and the PyTorch pass,
@@ -29,10 +29,12 @@ from typing import NamedTuple
 import torch
 
 from .passes import ParamSpec, perturb_, perturbed_copy, update_
+from .registry import BACKENDS
 from .updates import rule_update_
 
 __all__ = [
     "BACKENDS",
+    "register_backend",
     "TRITON_INSTALL_HINT",
     "Passes",
     "TORCH_PASSES",
@@ -46,7 +48,6 @@ __all__ = [
 
 logger = logging.getLogger("zo_plugins")
 
-BACKENDS = ("auto", "triton", "torch")
 TRITON_INSTALL_HINT = "pip install 'zo-plugins[triton]'"
 
 
@@ -108,17 +109,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_LOADERS: dict[str, Callable[[], Passes]] = {}
+
+
+def register_backend(name: str, loader: Callable[[], Passes]) -> None:
+    """Register the loader of a backend's passes (``zo_plugins.kernels`` registers
+    ``"triton"`` when it is imported; the loader runs on first use)."""
+    if name in ("auto", "torch"):
+        raise ValueError(f"backend {name!r} is built in and cannot be replaced.")
+    _LOADERS[name] = loader
+
+
 def _triton_passes() -> Passes:
-    """The Triton backend's passes (loaded by module name: the kernels import the core)."""
-    tk = importlib.import_module("zo_plugins.kernels.passes")
-    rules = importlib.import_module("zo_plugins.kernels.rules")
-    return Passes(
-        tk.triton_perturb_,
-        tk.triton_perturbed_copy,
-        tk.triton_update_,
-        tk.triton_update_foreach_,
-        rules.triton_rule_update_foreach_,
-    )
+    """The Triton backend's passes, from the loader ``zo_plugins.kernels`` registered."""
+    if "triton" not in _LOADERS:  # zo_plugins/__init__ imports zo_plugins.kernels, which registers it
+        raise ImportError(
+            f"The Triton backend is not registered: import zo_plugins.kernels ({TRITON_INSTALL_HINT})."
+        )
+    return _LOADERS["triton"]()
 
 
 # --------------------------------------------------------------------------- first-use check

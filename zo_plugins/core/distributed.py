@@ -8,12 +8,10 @@ update from the same seeds, so the weights stay bit-identical without a broadcas
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from ..config import ZOConfig
+from ..config import ZOConfig
 
 __all__ = ["world_size", "all_reduce_projected_grads", "all_reduce_mean", "check_launch"]
 

@@ -23,17 +23,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..config import ZOConfig
 from .noise import mix64, step_seed
 from .passes import ParamSpec, _frozen_slices
 from .perturbation import Perturber, RngState
 from .plan import StepPlan
-
-if TYPE_CHECKING:  # annotations only: config imports the registries of the core
-    from ..config import ZOConfig
+from .registry import ESTIMATORS, Estimator, get_estimator, register_estimator
 
 __all__ = [
     "ZOEstimate",
@@ -140,44 +139,6 @@ class Probe:
     def unperturbed_loss(self) -> float:
         self.perturber.restore(self.plan)
         return self.loss([])
-
-
-@dataclass(frozen=True)
-class Estimator:
-    """A registered estimator (see the module docstring)."""
-
-    name: str
-    probe: Callable[[Probe], None]
-    grads_per_step: Callable[[ZOConfig], int] = field(default=lambda cfg: cfg.n_queries)
-    """Projected gradients per step: the length of what is all-reduced and updated along."""
-    forwards_per_step: Callable[[ZOConfig], int] = field(default=lambda cfg: 2 * cfg.n_queries)
-    unperturbed_weights: bool = False
-    """Every pass must see the unperturbed weights (forces out-of-place perturbation)."""
-    coordinate_update: bool = False
-    """The projected gradients are per coordinate (``cge``), not per direction."""
-    help: str = ""
-
-
-ESTIMATORS: dict[str, Estimator] = {}
-
-
-def register_estimator(est: Estimator) -> Estimator:
-    """Add ``est`` to the registry (``ZOConfig.estimator`` then accepts its name)."""
-    if not isinstance(est, Estimator):
-        raise TypeError(f"register_estimator takes an Estimator, not {type(est).__name__}.")
-    if est.name in ESTIMATORS:
-        raise ValueError(f"An estimator named {est.name!r} is already registered.")
-    ESTIMATORS[est.name] = est
-    return est
-
-
-def get_estimator(name: str) -> Estimator:
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown estimator {name!r}: registered are {', '.join(map(repr, ESTIMATORS))}."
-        ) from None
 
 
 # ----------------------------------------------------------------------------- spsa

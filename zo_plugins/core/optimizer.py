@@ -583,7 +583,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ trajectory
     def trajectory_header(self) -> dict[str, Any]:
         """The header a trajectory log of this optimizer starts with."""
-        from .. import __version__
+        from .._version import __version__
 
         cfg = {k: v for k, v in self.config.to_dict().items() if k != "trajectory_path"}
         return {

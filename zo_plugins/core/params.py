@@ -11,17 +11,15 @@ in-place / out-of-place choice per tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import ZOConfig
 from .noise import tensor_key
 from .passes import ParamSpec
 from .rounding import HALF_DTYPES
-
-if TYPE_CHECKING:  # annotations only: config imports the registries of the core
-    from ..config import ZOConfig
 
 __all__ = ["model_names", "model_order", "build_group_specs", "build_blocks", "resolve_modes"]
 

@@ -20,17 +20,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..config import ZOConfig
 from .interrupts import deferred_interrupts
 from .passes import ParamSpec, merge_terms, perturbed_copy
 from .plan import StepPlan
-
-if TYPE_CHECKING:  # annotations only: config imports the registries of the core
-    from ..config import ZOConfig
 
 __all__ = ["Perturber", "RngState", "OutOfPlace", "direction_tensor"]
 

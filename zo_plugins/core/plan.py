@@ -18,17 +18,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..config import ZOConfig
 from .backend import Passes
 from .noise import mix64, step_seed
 from .passes import ParamSpec, _Chunks, _frozen_slices
 from .sparsity import sparsity_mask
-
-if TYPE_CHECKING:  # annotations only: config imports the registries of the core
-    from ..config import ZOConfig
 
 __all__ = ["StepPlan", "make_plan", "step_seeds"]
 

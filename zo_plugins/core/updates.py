@@ -20,16 +20,13 @@ estimate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .passes import ParamSpec, Term, _Chunks, _compute_dtype, _flat, store_chunk_
-
-if TYPE_CHECKING:  # annotations only: config imports the registries of the core
-    from ..config import ZOConfig
+from .registry import UPDATE_RULES, UpdateRule, get_update_rule, register_update_rule
 
 __all__ = [
     "RULES",
@@ -141,45 +138,6 @@ def rule_update_(
 
 
 # ----------------------------------------------------------------------------- the registry
-@dataclass(frozen=True)
-class UpdateRule:
-    """A registered update rule.
-
-    ``pass_rule(config)``: the fused rule pass that applies it (``"sign"``, ``"momentum"``,
-    ``"adam"``: ``rule_update_`` / the Triton rule kernel) or ``None`` for the linear update
-    pass along the step's terms.  ``state_bytes(config)``: float32 state per trainable
-    parameter.  ``accept(opt, plan, grads, probe, baseline)``: called before the update when
-    given; False rejects the step (the weights are left as they were)."""
-
-    name: str
-    pass_rule: Callable[[ZOConfig], str | None]
-    state_bytes: Callable[[ZOConfig], int]
-    accept: Callable[..., bool] | None = None
-    help: str = ""
-
-
-UPDATE_RULES: dict[str, UpdateRule] = {}
-
-
-def register_update_rule(rule: UpdateRule) -> UpdateRule:
-    """Add ``rule`` to the registry (``ZOConfig.optimizer`` then accepts its name)."""
-    if not isinstance(rule, UpdateRule):
-        raise TypeError(f"register_update_rule takes an UpdateRule, not {type(rule).__name__}.")
-    if rule.name in UPDATE_RULES:
-        raise ValueError(f"An update rule named {rule.name!r} is already registered.")
-    UPDATE_RULES[rule.name] = rule
-    return rule
-
-
-def get_update_rule(name: str) -> UpdateRule:
-    try:
-        return UPDATE_RULES[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown update rule {name!r}: registered are {', '.join(map(repr, UPDATE_RULES))}."
-        ) from None
-
-
 def _conservative_accept(
     opt: Any, plan: Any, grads: Sequence[float], probe: Any, baseline: float | None
 ) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.backend import Passes, register_backend
 from .backend import BACKENDS, TRITON_INSTALL_HINT, require_triton, resolve_backend, triton_available
 
 _LAZY = (
@@ -29,6 +30,23 @@ _LAZY = (
 )
 
 __all__ = ["BACKENDS", "TRITON_INSTALL_HINT", "resolve_backend", "triton_available", "require_triton", *_LAZY]
+
+
+def _load_passes() -> Passes:
+    """The Triton backend's passes for the core's dispatcher (imports Triton)."""
+    require_triton()
+    from . import passes, rules
+
+    return Passes(
+        passes.triton_perturb_,
+        passes.triton_perturbed_copy,
+        passes.triton_update_,
+        passes.triton_update_foreach_,
+        rules.triton_rule_update_foreach_,
+    )
+
+
+register_backend("triton", _load_passes)
 
 
 def __getattr__(name: str) -> Any:
