@@ -229,3 +229,35 @@ def test_every_method_in_every_loop_resumes_bit_exactly(tmp_path, kw, lr):
     if kw["optimizer"] == "zo-sgd-conservative":
         for reference in (ref_opt, wrapped_opt):
             assert reference.rejected_steps > 0, "the conservative rule must reject some steps here"
+
+
+def test_a_registered_estimator_works_in_every_loop_untouched(tmp_path):
+    """The layout's test: a new estimator is one function and a registry call, and the HF
+    Trainer, Lightning and ZOOptimizer run it without a change to any of them."""
+    from zo_plugins import Estimator, register_estimator
+    from zo_plugins.core.registry import ESTIMATORS
+
+    def three_point(p):  # (L(θ+εz) - L(θ-εz)) / 2ε with the unperturbed loss reported too
+        base = p.unperturbed_loss()
+        for seed in p.plan.seeds:
+            lp, lm = p.loss(p.along(seed, p.eps)), p.loss(p.along(seed, -p.eps))
+            p.est.losses_plus.append(lp)
+            p.est.losses_minus.append(lm)
+            p.est.projected_grads.append(p.sign * (lp - lm) / (2 * p.eps))
+        p.est.losses_minus.append(base)
+
+    if "test-three-point" not in ESTIMATORS:
+        register_estimator(
+            Estimator("test-three-point", three_point, forwards_per_step=lambda c: 3 * c.n_queries)
+        )
+    kw = dict(estimator="test-three-point", eps=1e-3, seed=3, n_queries=2)
+    ref, _ = plain_run(kw, 3e-2)
+    spsa, _ = plain_run(dict(kw, estimator="spsa"), 3e-2)
+    assert_bit_identical(ref, spsa)  # the same projected gradients as spsa, one more forward a step
+    full, _ = lightning_run(tmp_path / "l", kw, 3e-2)
+    assert_bit_identical(full, plain_run(kw, 3e-2, wrapped=True)[0])
+    hf, opt = hf_run(tmp_path / "hf", kw, 3e-2)
+    assert opt.estimator.name == "test-three-point" and opt.step_count == STEPS
+    start = params_snapshot(model())
+    for n in ref:
+        torch.testing.assert_close(hf[n] - start[n], ref[n] - start[n], rtol=2e-3, atol=1e-6)

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--allow-version-mismatch",
         action="store_true",
-        help="replay a log written by another zo_plugins version",
+        help="replay a log whose direction streams (stream_version) differ from this library's (the result will differ)",
     )
     ap.add_argument("--steps", type=int, default=None, help="replay only the first N steps")
     args = ap.parse_args(argv)
