@@ -143,7 +143,10 @@ def test_user_mask_is_respected_on_the_triton_backend():
     keep = torch.zeros(3, 8, dtype=torch.bool)
     keep[:, :4] = True
     opt = ZOOptimizer(
-        model, lr=1e-1, backend="triton", distribution="rademacher",
+        model,
+        lr=1e-1,
+        backend="triton",
+        distribution="rademacher",
         mask_fn=lambda name, p, step: keep if name == "1.weight" else None,
     )
     for _ in range(2):
@@ -151,3 +154,22 @@ def test_user_mask_is_respected_on_the_triton_backend():
     w = model[1].weight
     assert torch.equal(w[:, 4:], before["1.weight"][:, 4:])
     assert (w[:, :4] != before["1.weight"][:, :4]).all()
+
+
+def test_a_gaussian_triton_log_is_refused_up_front_where_its_kernels_round_differently(tmp_path, monkeypatch):
+    from zo_plugins import TrajectoryError, replay
+
+    model = make()
+    base = params_snapshot(model)
+    opt = ZOOptimizer(
+        model, lr=1e-2, backend="triton", gaussian_stream="philox", trajectory_path=tmp_path / "g.zot"
+    )
+    opt.step(lambda: model(IDS).float().pow(2).mean())
+    opt.close()
+    fresh = make()
+    assert_bit_identical(base, params_snapshot(fresh))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as if on a GPU: compiled kernels, libdevice math
+    with pytest.raises(
+        TrajectoryError, match="Gaussian run of the Triton kernels under the Triton interpreter"
+    ):
+        replay(fresh, tmp_path / "g.zot")

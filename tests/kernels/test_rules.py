@@ -33,9 +33,12 @@ def _run_both(rule, a, b, steps, dist, wd, round_seed=None):
         restore = [(S3 + t, 1e-3)] if t == 1 else []
         grads = [(S1 + t, 0.7), (S2 + t, -1.3)]
         common = dict(rule=rule, restore=restore, grads=grads, lr=1e-3, weight_decay=wd, **HYPER)
-        rule_update_(a, state=sa, adam_step=t, distribution=dist, chunk_size=1 << 20,
-                     round_seed=round_seed, **common)
-        triton_rule_update_foreach_([b], states=[sb], steps=[t], distribution=dist, round_seed=round_seed, **common)
+        rule_update_(
+            a, state=sa, adam_step=t, distribution=dist, chunk_size=1 << 20, round_seed=round_seed, **common
+        )
+        triton_rule_update_foreach_(
+            [b], states=[sb], steps=[t], distribution=dist, round_seed=round_seed, **common
+        )
     return sa, sb
 
 
@@ -96,8 +99,15 @@ def test_rule_kernel_stochastic_rounding_is_unbiased():
     n = 1 << 14
     spec = ParamSpec(torch.full((n,), 1.5, dtype=torch.bfloat16), "w", tensor_key("w"))
     triton_rule_update_foreach_(
-        [spec], rule="sign", restore=[], grads=[(S1, 1.0)], lr=2**-10, weight_decay=0.0,
-        states=[{}], distribution="rademacher", round_seed=S2,
+        [spec],
+        rule="sign",
+        restore=[],
+        grads=[(S1, 1.0)],
+        lr=2**-10,
+        weight_decay=0.0,
+        states=[{}],
+        distribution="rademacher",
+        round_seed=S2,
     )
     moved = spec.param.float() - 1.5
     assert set(moved.unique().tolist()) <= {-(2**-7), 0.0, 2**-7}
@@ -116,7 +126,9 @@ def test_rule_kernel_one_launch_for_many_tensors_equals_one_per_tensor():
     specs_b = [ParamSpec(s.param.clone(), s.name, s.key) for s in specs_a]
     st_a = [init_state("adam", s.param) for s in specs_a]
     st_b = [init_state("adam", s.param) for s in specs_b]
-    kw = dict(rule="adam", restore=[], grads=[(S1, 0.5)], lr=1e-2, weight_decay=0.0, distribution="rademacher")
+    kw = dict(
+        rule="adam", restore=[], grads=[(S1, 0.5)], lr=1e-2, weight_decay=0.0, distribution="rademacher"
+    )
     triton_rule_update_foreach_(specs_a, states=st_a, steps=[1] * 4, **kw)
     for s, st in zip(specs_b, st_b):
         triton_rule_update_foreach_([s], states=[st], steps=[1], **kw)
@@ -128,8 +140,14 @@ def test_rule_kernel_rejects_a_missing_state_before_writing():
     spec = ParamSpec(torch.zeros(10), "w", tensor_key("w"))
     with pytest.raises(ValueError, match="exp_avg"):
         triton_rule_update_foreach_(
-            [spec], rule="adam", restore=[], grads=[(S1, 1.0)], lr=1.0, weight_decay=0.0,
-            states=[{}], distribution="rademacher",
+            [spec],
+            rule="adam",
+            restore=[],
+            grads=[(S1, 1.0)],
+            lr=1.0,
+            weight_decay=0.0,
+            states=[{}],
+            distribution="rademacher",
         )
     assert torch.count_nonzero(spec.param) == 0
 
@@ -144,8 +162,14 @@ def test_rule_kernel_magnitude_mask_matches_the_pytorch_mask(rule):
     sa, sb = init_state(rule, a.param), init_state(rule, b.param)
     common = dict(rule=rule, restore=[], grads=[(S1, 0.7)], lr=1e-3, weight_decay=0.1, **HYPER)
     rule_update_(a, state=sa, adam_step=1, distribution="rademacher", chunk_size=1 << 20, **common)
-    triton_rule_update_foreach_([b], states=[sb], steps=[1], distribution="rademacher",
-                                magnitude_threshold=a.mask.kernel_threshold, **common)
+    triton_rule_update_foreach_(
+        [b],
+        states=[sb],
+        steps=[1],
+        distribution="rademacher",
+        magnitude_threshold=a.mask.kernel_threshold,
+        **common,
+    )
     _check_weights(rule, b.param, a.param)
     for k in sa:
         assert_bitwise(sb[k], sa[k], f"{rule} state {k}")
@@ -161,8 +185,17 @@ def test_rule_kernel_lr_zero_leaves_weights_bit_identical(rule, dtype):
     st = init_state(rule, b.param)
     for t in (1, 2):
         triton_rule_update_foreach_(
-            [b], rule=rule, restore=[], grads=[(S1 + t, 0.9)], lr=0.0, weight_decay=0.1, states=[st],
-            steps=[t], distribution="gaussian", round_seed=S2, **HYPER,
+            [b],
+            rule=rule,
+            restore=[],
+            grads=[(S1 + t, 0.9)],
+            lr=0.0,
+            weight_decay=0.1,
+            states=[st],
+            steps=[t],
+            distribution="gaussian",
+            round_seed=S2,
+            **HYPER,
         )
     assert_bitwise(b.param, theta, f"{rule} {dtype} lr=0")
     for v in st.values():

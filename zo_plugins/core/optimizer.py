@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -593,6 +594,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             "library_version": __version__,
             "torch_version": torch.__version__,
             "backend": self.backend,
+            "device": self.specs()[0].param.device.type,
+            "triton_interpreted": self.backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1",
             "stream": self.stream,
             "perturbation_mode": self._mode,
             "in_place": [s.name for s in self.specs() if s.in_place],

@@ -59,6 +59,22 @@ def replay(
     backend = header.get("backend")
     if backend not in ("torch", "triton"):
         raise TrajectoryError(f"{log} was written by an unknown backend {backend!r}.")
+    if backend == "triton" and header.get("stream") == "gaussian-philox" and "triton_interpreted" in header:
+        # compiled kernels draw Box-Muller through libdevice, the interpreter through numpy:
+        # the last ulps differ, so a Gaussian Triton run replays only where it ran
+        here = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if here != header["triton_interpreted"] and not allow_version_mismatch:
+            where = (
+                "under the Triton interpreter"
+                if header["triton_interpreted"]
+                else "on a GPU (compiled kernels)"
+            )
+            raise TrajectoryError(
+                f"{log} is a Gaussian run of the Triton kernels {where}; its directions differ from this "
+                "environment's in the last ulps of log/sin/cos, so replay it where it ran (or record with "
+                "distribution='rademacher', which is bit-exact everywhere). allow_version_mismatch=True "
+                "replays anyway."
+            )
     recorded_mask = header.get("mask_fn")
     if recorded_mask is not None and mask_fn is None:
         raise TrajectoryError(
