@@ -26,8 +26,10 @@ from pathlib import Path
 
 MODES = {
     "forward": "no-grad forward with loss (inference)",
-    "zo": "ZOOptimizer.step, gaussian, defaults (perturbation='auto': in place for float32)",
+    "zo": "ZOOptimizer.step, gaussian, defaults (perturbation='auto': out of place with the model)",
+    "zo-inplace": "ZOOptimizer.step, gaussian, perturbation='in-place' (the 0.1 default for float32)",
     "zo-outofplace": "ZOOptimizer.step, gaussian, perturbation='out-of-place' (exact restore)",
+    "zo-onevisit": "ZOOptimizer.step, gaussian, schedule='one-visit' (both forwards in one pass, batch 2B)",
     "zo-rademacher": "ZOOptimizer.step, rademacher, defaults (cheapest directions)",
     "zo-forward-grad": "ZOOptimizer.step, estimator='forward-grad' (one forward-mode AD pass: exact grad . z)",
     "naive-mezo": "reference MeZO step: 4 out-of-place passes, full-size z per tensor, global RNG reseeded",
@@ -119,6 +121,10 @@ def child(model_name: str, mode: str, batch: int, seq: int, repeats: int, thread
                 loss()
     elif mode.startswith("zo"):
         kw = {"perturbation": "out-of-place"} if mode == "zo-outofplace" else {}
+        if mode == "zo-inplace":
+            kw["perturbation"] = "in-place"
+        if mode == "zo-onevisit":
+            kw["schedule"] = "one-visit"
         if mode == "zo-rademacher":
             kw["distribution"] = "rademacher"
         if mode == "zo-forward-grad":
@@ -209,6 +215,10 @@ def ratios(res: dict[str, dict]) -> dict[str, float]:
         "zo step / 2 forwards (gaussian, default)": (t, "zo", "forward", 2),
         "zo step / 2 forwards (rademacher, default)": (t, "zo-rademacher", "forward", 2),
         "zo step / 2 forwards (gaussian, out-of-place)": (t, "zo-outofplace", "forward", 2),
+        "zo step / 2 forwards (gaussian, in-place)": (t, "zo-inplace", "forward", 2),
+        "zo step / 2 forwards (gaussian, one-visit)": (t, "zo-onevisit", "forward", 2),
+        "one-visit step / default step": (t, "zo-onevisit", "zo", 1),
+        "one-visit peak growth / default peak growth": (mem, "zo-onevisit", "zo", 1),
         "zo peak growth / inference peak growth (default)": (mem, "zo", "forward", 1),
         "zo peak growth / inference peak growth (out-of-place)": (mem, "zo-outofplace", "forward", 1),
         "adamw peak growth / zo peak growth (default)": (mem, "adamw", "zo", 1),

@@ -24,6 +24,8 @@ PERTURBATION_MODES = ("auto", "in-place", "out-of-place")
 SPARSITY_MODES = ("magnitude", "random")
 BLOCK_WISE = ("cycle", "random")
 GAUSSIAN_STREAMS = ("auto", "philox", "native")
+SCHEDULES = ("auto", "per-forward", "one-visit")
+OFFLOAD_MODES = ("cpu", "disk")
 DIRECTIONS = (*DISTRIBUTIONS, "sphere")
 
 
@@ -178,6 +180,25 @@ class ZOConfig:
         "Elements per chunk when directions are generated on the PyTorch path; bounds the "
         "extra memory of a pass (4 bytes per element). A multiple of 65536.",
     )
+    schedule: str = _help(
+        "auto",
+        "How the two perturbed forwards of a step run. 'per-forward': one forward per "
+        "perturbation (three generations of each direction per step). 'one-visit': both in one "
+        "pass over the model on a doubled batch, each transformer block running its forward "
+        "twice with its two perturbed copies (ZO2's schedule: two generations per step, each block "
+        "visited once; activations of 2x the batch; needs a Hugging Face model whose loss the "
+        "closure returns, else falls back with a logged reason). 'auto': 'one-visit' with "
+        "offload, 'per-forward' otherwise.",
+    )
+    offload: str | None = _help(
+        None,
+        "Keep the transformer blocks out of the model's device: 'cpu' (pinned CPU memory, "
+        "copied to the GPU on each visit) or 'disk' (memory-mapped safetensors files under "
+        "offload_dir; resident memory a couple of blocks). Each block is visited once per step "
+        "and its previous update applied on arrival. Needs the model, an nn.ModuleList of "
+        "blocks, and a linear update rule (zo-sgd, stateless momentum).",
+    )
+    offload_dir: str | None = _help(None, "Folder for the block files of offload='disk'.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -232,6 +253,39 @@ class ZOConfig:
         _check_choice("perturbation", self.perturbation, PERTURBATION_MODES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("gaussian_stream", self.gaussian_stream, GAUSSIAN_STREAMS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if self.offload is not None:
+            _check_choice("offload", self.offload, OFFLOAD_MODES)
+            if self.offload == "disk" and not self.offload_dir:
+                raise ValueError(
+                    "ZOConfig.offload='disk' needs offload_dir: the folder for the block files, e.g. "
+                    "ZOConfig(offload='disk', offload_dir='/scratch/zo-blocks')."
+                )
+            if self.schedule == "per-forward":
+                raise ValueError(
+                    "ZOConfig.offload needs schedule='one-visit' or 'auto' (each block visited once per step), "
+                    "not 'per-forward'."
+                )
+            bad = self.optimizer not in ("zo-sgd",) and not (
+                self.optimizer == "zo-sgd-momentum" and self.momentum_history > 0
+            )
+            if bad:
+                raise ValueError(
+                    f"ZOConfig.offload supports the linear update rules (optimizer='zo-sgd', or "
+                    f"'zo-sgd-momentum' with momentum_history > 0), not optimizer={self.optimizer!r}: their "
+                    "state would have to be offloaded too."
+                )
+            if self.sparsity or self.block_wise is not None:
+                raise ValueError(
+                    "ZOConfig.offload applies each step's update when the block next arrives, under the next "
+                    "step's masks: sparsity and block_wise are not supported with it."
+                )
+        if self.offload_dir is not None:
+            if not isinstance(self.offload_dir, (str, os.PathLike)):
+                raise ValueError(
+                    f"ZOConfig.offload_dir={self.offload_dir!r} is invalid: use a folder path or None."
+                )
+            self.offload_dir = os.fspath(self.offload_dir)
         if self.gaussian_stream == "native" and self.backend == "triton":
             raise ValueError(
                 "gaussian_stream='native' is the PyTorch generator's stream, which the Triton "

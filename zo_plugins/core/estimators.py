@@ -20,6 +20,7 @@ Built in (formulas in docs/methods.md):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from .passes import ParamSpec, _frozen_slices
 from .perturbation import Perturber, RngState
 from .plan import StepPlan
 from .registry import ESTIMATORS, Estimator, get_estimator, register_estimator
+
+logger = logging.getLogger("zo_plugins")
 
 __all__ = [
     "ZOEstimate",
@@ -136,6 +139,38 @@ class Probe:
         """``coeff`` times the step's direction of ``seed`` as terms of the stream."""
         return [(seed, coeff * self.plan.coef(seed))]
 
+    def loss_pair(
+        self, terms_a: list[tuple[int, float]], terms_b: list[tuple[int, float]]
+    ) -> tuple[float, float]:
+        """(loss at theta + sum(terms_a), loss at theta + sum(terms_b)): in one pass over the
+        model under the one-visit schedule (``core.dual``), else two forwards (the second is
+        skipped when the first is not finite: its value is then NaN)."""
+        units = self.perturber.dual_units
+        if units is None or self.perturber.dual_off:
+            la = self.loss(terms_a)
+            return la, (self.loss(terms_b) if math.isfinite(la) else float("nan"))
+        from .dual import DualRun, NotDual
+
+        oop = [s for s in self.plan.active if not s.in_place]
+        run = DualRun(units, oop, terms_a, terms_b, self.config, self.plan, same_masks=self.rng is not None)
+        cpu_state = torch.get_rng_state()
+        try:
+            with run:
+                if self.rng is not None:
+                    self.rng.restore()
+                value = as_float_loss(self.closure())
+            return run.pair(value)
+        except NotDual as e:
+            self.perturber.dual_off = True
+            logger.warning(
+                "zo_plugins: the one-visit schedule does not apply (%s); falling back to one forward per "
+                "perturbation.",
+                e,
+            )
+            torch.set_rng_state(cpu_state)
+            la = self.loss(terms_a)
+            return la, (self.loss(terms_b) if math.isfinite(la) else float("nan"))
+
     def unperturbed_loss(self) -> float:
         self.perturber.restore(self.plan)
         return self.loss([])
@@ -145,17 +180,14 @@ class Probe:
 def _spsa(p: Probe) -> None:
     est, eps = p.est, p.eps
     for seed in p.plan.seeds:
-        losses = []
-        for coeff in (eps, -eps):  # in place: +eps from theta, then -2eps from theta + eps*z
-            losses.append(p.loss(p.along(seed, coeff)))
-            if not math.isfinite(losses[-1]):
-                break
-        est.losses_plus.append(losses[0])
-        est.losses_minus.append(losses[1] if len(losses) > 1 else float("nan"))
-        if len(losses) < 2 or not all(math.isfinite(v) for v in losses):
+        # in place: +eps from theta, then -2eps from theta + eps*z; one-visit: both in one pass
+        lp, lm = p.loss_pair(p.along(seed, eps), p.along(seed, -eps))
+        est.losses_plus.append(lp)
+        est.losses_minus.append(lm)
+        if not (math.isfinite(lp) and math.isfinite(lm)):
             est.skipped = True
             return
-        est.projected_grads.append(p.sign * (losses[0] - losses[1]) / (2 * eps))
+        est.projected_grads.append(p.sign * (lp - lm) / (2 * eps))
 
 
 # ----------------------------------------------------------------------------- forward

@@ -33,6 +33,7 @@ from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
 from .interrupts import deferred_interrupts
 from .noise import PHILOX_GAUSSIAN, STREAM_VERSION
+from .offload import BlockOffload
 from .params import build_blocks, build_group_specs, model_names, model_order, resolve_modes
 from .passes import ParamSpec
 from .perturbation import Perturber, direction_tensor
@@ -147,6 +148,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))  # add_param_group builds specs
         self._configure()
         self.perturber = Perturber(model, cfg, on_shift=self._record_shift)
+        self.offload: BlockOffload | None = None
+        self._deferred: dict[str, dict[str, Any]] = {}  # offloaded tensors' updates not yet applied
+        self.schedule = self._resolve_schedule()
         self._plan: StepPlan | None = None
         self._step = 0
         self.skipped_steps = 0
@@ -196,6 +200,54 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.stream = self._resolve_stream()
         self._ordered = model_order(self.specs(), self.model)
         self._blocks = build_blocks(self._ordered)
+
+    def _resolve_schedule(self) -> str:
+        """'one-visit' (both perturbed forwards in one pass; offload) or 'per-forward'."""
+        cfg = self.config
+        schedule = cfg.schedule
+        if schedule == "auto":
+            schedule = "one-visit" if cfg.offload else "per-forward"
+        if schedule == "per-forward":
+            return schedule
+        if self.model is None:
+            raise ValueError(
+                f"schedule='one-visit'{' / offload' if cfg.offload else ''} needs the model: use "
+                "ZOOptimizer(model, ...)."
+            )
+        if cfg.estimator != "spsa":
+            raise ValueError(
+                f"schedule='one-visit' (and offload) pairs the +eps and -eps forwards of estimator='spsa'; "
+                f"estimator={cfg.estimator!r} evaluates other points: use schedule='per-forward' without offload."
+            )
+        inplace = [s.name for s in self.specs() if s.in_place]
+        if inplace:
+            raise ValueError(
+                f"schedule='one-visit' perturbs out of place; {inplace[0]!r} is set to be perturbed in place "
+                "(perturbation='in-place'): use perturbation='auto' or 'out-of-place'."
+            )
+        from .dual import DualUnits, NotDual
+        from .offload import BlockOffload, find_blocks
+
+        _, blocks = find_blocks(self.model)
+        try:
+            self.perturber.dual_units = DualUnits(self.model, blocks)
+        except NotDual as e:
+            raise ValueError(f"schedule='one-visit' cannot run this model: {e}") from None
+        if cfg.offload:
+            existing = getattr(self.model, "_zo_offload", None)
+            if isinstance(existing, BlockOffload) and existing.mode == cfg.offload:
+                self.offload = existing
+            else:
+                self.offload = BlockOffload(self.model, cfg.offload, cfg.offload_dir)
+                self.model._zo_offload = self.offload  # type: ignore[attr-defined]
+        return schedule
+
+    def flush(self) -> None:
+        """Apply the updates offloaded blocks have not received yet (they arrive with the next
+        visit otherwise): before the weights are read outside a forward -- a checkpoint, an
+        export.  A no-op without offload."""
+        if self.offload is not None:
+            self.offload.flush()
 
     def _resolve_stream(self) -> str:
         """The stream name the passes draw directions from (``core.noise.STREAMS``)."""
@@ -392,15 +444,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not specs:
                 continue
             if rule is None:
-                passes.update_group(
-                    specs,
-                    restore=restore,
-                    update=[(s, -lr * c) for s, c in terms if lr * c != 0.0],
-                    decay=lr * wd,
-                    distribution=plan.stream,
-                    chunk_size=plan.chunk_size,
-                    round_seed=plan.round_seed,
-                )
+                update = [(s, -lr * c) for s, c in terms if lr * c != 0.0]
+                kw = dict(decay=lr * wd, distribution=plan.stream, chunk_size=plan.chunk_size)
+                if self.offload is not None:  # offloaded blocks: applied when each next arrives
+                    resident = [sp for sp in specs if not self.offload.owns(sp)]
+                    for sp in specs:
+                        if self.offload.owns(sp) and (update or kw["decay"]):
+                            self._defer(sp, dict(kw, update=update, round_seed=plan.round_seed))
+                    specs = resident
+                passes.update_group(specs, restore=restore, update=update, round_seed=plan.round_seed, **kw)
                 continue
             states, steps = [], []
             for spec in specs:
@@ -427,6 +479,18 @@ class ZOOptimizer(torch.optim.Optimizer):
                 chunk_size=plan.chunk_size,
                 round_seed=plan.round_seed,
             )
+
+    def _defer(self, spec: ParamSpec, kwargs: dict[str, Any]) -> None:
+        """Queue an offloaded tensor's update pass for its block's next arrival."""
+        self._deferred[spec.name] = kwargs
+        passes = self._passes
+
+        def apply(sp: ParamSpec, kw=kwargs) -> None:
+            if self._deferred.get(sp.name) is kw:
+                del self._deferred[sp.name]
+            passes.update(sp, restore=[], **kw)
+
+        self.offload.defer(spec, apply)
 
     def _apply_coordinates(self, plan: StepPlan, projected_grads: Sequence[float]) -> None:
         group_of = {id(sp): g for g, gspecs in zip(self.param_groups, self._specs) for sp in gspecs}
@@ -614,6 +678,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Close the trajectory log.  ``finished`` (the default) writes its end record with
         the hash of the final weights, so ``replay`` can verify it reached them; pass
         ``finished=False`` for a run that stops to be resumed."""
+        self.flush()
         if self._recorder is not None and self._recorder.is_open:
             self.restore()
             final = weights_hash((s.name, s.param) for s in self.specs()) if finished else None
@@ -639,6 +704,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             "rejected_steps": self.rejected_steps,
             "history": [[[str(s), c] for s, c in terms] for terms in self._history],
             "config": self.config.to_dict(),
+            "deferred": {
+                name: dict(kw, update=[[str(s), c] for s, c in kw["update"]])
+                for name, kw in self._deferred.items()
+            },
         }
         return sd
 
@@ -675,6 +744,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.clipped_steps = int(zo.get("clipped_steps", 0))
             self.rejected_steps = int(zo.get("rejected_steps", 0))
             self._history = [[(int(s), float(c)) for s, c in terms] for terms in zo.get("history", [])]
+            if zo.get("deferred"):
+                if self.offload is None:
+                    raise ValueError(
+                        "This checkpoint holds updates of offloaded blocks not yet applied; load it into an "
+                        "optimizer with the same ZOConfig.offload."
+                    )
+                by_name = {s.name: s for s in self.specs()}
+                for name, kw in zo["deferred"].items():
+                    kw = dict(kw, update=[(int(s), float(c)) for s, c in kw["update"]])
+                    self._defer(by_name[name], kw)
         self.perturber.pending = []
         self._plan = None
 

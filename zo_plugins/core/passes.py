@@ -24,6 +24,7 @@ __all__ = [
     "HALF_DTYPES",
     "perturb_",
     "perturbed_copy",
+    "perturbed_pair",
     "update_",
     "store_chunk_",
     "merge_terms",
@@ -190,6 +191,49 @@ def perturbed_copy(
             else:
                 flat_out[start : start + n].copy_(d.mul_(scale).add_(flat_in[start : start + n]))
         return out
+
+
+def perturbed_pair(
+    spec: ParamSpec,
+    terms_a: Sequence[Term],
+    terms_b: Sequence[Term],
+    *,
+    distribution: str,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perturbed_copy(spec, terms_a), perturbed_copy(spec, terms_b))`` bit for bit, in one
+    pass over theta.  When both are one term of the same direction (SPSA's +eps z, -eps z),
+    the direction is generated once for the pair."""
+    chunks = _Chunks(chunk_size, distribution)
+    shared = len(terms_a) == 1 and len(terms_b) == 1 and terms_a[0][0] == terms_b[0][0]
+    with torch.no_grad():
+        src = spec.param.detach()
+        outs = (
+            torch.empty_like(src, memory_format=torch.contiguous_format),
+            torch.empty_like(src, memory_format=torch.contiguous_format),
+        )
+        flat_in = src.reshape(-1)
+        flat_out = (outs[0].view(-1), outs[1].view(-1))
+        cdt = _compute_dtype(src)
+        for start, n in chunks.ranges(flat_in.numel()):
+            x = flat_in[start : start + n]
+            if shared and cdt == torch.float32:
+                z = chunks.direction(spec, terms_a[0][0], start, n)  # zero on frozen rows, masked
+                for h, coeff in enumerate((terms_a[0][1], terms_b[0][1])):
+                    dst = flat_out[h][start : start + n]
+                    if src.dtype == cdt:
+                        torch.add(x, z, alpha=coeff, out=dst)
+                    else:
+                        dst.copy_(torch.mul(z, coeff).add_(x))
+                continue
+            for h, terms in enumerate((terms_a, terms_b)):
+                d, scale = chunks.direction_sum(spec, terms, start, n, cdt)
+                dst = flat_out[h][start : start + n]
+                if src.dtype == cdt:
+                    torch.add(x, d, alpha=scale, out=dst)
+                else:
+                    dst.copy_(d.mul_(scale).add_(x))
+        return outs
 
 
 def update_(

@@ -73,6 +73,10 @@ class Perturber:
         self.eager: set[int] = set()
         """Tensors used outside their module: perturbed for the whole forward (out of place)."""
         self.watched = False
+        self.dual_units: Any = None
+        """``core.dual.DualUnits`` under the one-visit schedule (None: one forward per perturbation)."""
+        self.dual_off = False
+        """Set when the one-visit schedule turned out not to apply (the fallback is logged once)."""
 
     # ------------------------------------------------------------------ in place
     def shift(self, plan: StepPlan, terms: list[Term]) -> None:

@@ -93,6 +93,7 @@ def replay(
             )
         groups.append({"params": [named[n] for n in names]})
     config = dict(header["config"], backend=backend)  # replay on the backend that trained
+    config.update(offload=None, offload_dir=None, schedule="per-forward")  # replay runs no forward
     in_place = _in_place_names(header, named)
     config["perturbation"] = "out-of-place" if not in_place else "in-place"
     mixed = bool(in_place) and any(n not in in_place for names in header["groups"] for n in names)

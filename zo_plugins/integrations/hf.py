@@ -264,6 +264,15 @@ class ZOCallback(TrainerCallback):
         self._reset_log()
         return control
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # offloaded blocks receive a step's update when they are next visited: apply it now if
+        # the Trainer is about to read the weights outside a forward (a checkpoint)
+        if self.optimizer is not None and self.optimizer.offload is not None:
+            if control.should_save or state.global_step >= state.max_steps > 0:
+                self.optimizer.flush()
+                self._stash_state()  # the checkpoint's ZO state must not list the applied updates
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         # the checkpoint and the trajectory log must agree after a crash: sync the log now
         if self.optimizer is not None:

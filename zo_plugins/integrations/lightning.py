@@ -293,6 +293,9 @@ class ZOMixin:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.zo_driver.optimizer is not None:
+            # offloaded blocks hold their last update pending until the next visit; the
+            # checkpoint's state dict views the same tensors, so applying it now is what is saved
+            self.zo_driver.optimizer.flush()
             checkpoint[ZO_CHECKPOINT_KEY] = {
                 "state": self.zo_driver.state_dict(),
                 "config": self.zo_config.to_dict(),
@@ -316,6 +319,11 @@ class ZOMixin:
         if self._zo_loaded is not None and self.zo_driver.optimizer is not None:
             self._zo_load(self._zo_loaded)
         return checkpoint
+
+    def teardown(self) -> None:
+        if getattr(self, "zo_driver", None) is not None and self.zo_driver.optimizer is not None:
+            self.zo_driver.optimizer.close()
+        self._zo_base.teardown(self)
 
     def _zo_load(self, saved: dict[str, Any]) -> None:
         seed = saved.get("config", {}).get("seed", self.zo_config.seed)
