@@ -24,6 +24,9 @@ METHODS = {  # mode "methods": every estimator's collective, one launch
     "rank-3": {"estimator": "rank", "n_queries": 3},
     "adam": {"optimizer": "zo-adam"},
     "conservative": {"optimizer": "zo-sgd-conservative", "lr": 0.1},  # large: some steps get worse
+    "spsa-1": {},  # the per-forward reference of the two below
+    "one-visit": {"schedule": "one-visit"},
+    "offload-disk": {"offload": "disk"},  # each rank's blocks in its own files
 }
 
 counters = install_comm_counters()
@@ -70,6 +73,8 @@ def run_plain(zo=None) -> torch.nn.Module:
     model = tiny_hf_model("opt", dropout=0.1)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     zo = dict(ZO if zo is None else zo)
+    if zo.get("offload") == "disk":
+        zo["offload_dir"] = os.path.join(OUT_DIR, f"blocks-rank{dist.get_rank()}")
     opt = ZOOptimizer(model, lr=zo.pop("lr", 1e-3), eps=1e-3, **zo)
     data = dataset()
     rank = dist.get_rank()
@@ -77,6 +82,7 @@ def run_plain(zo=None) -> torch.nn.Module:
         rows = data[(2 * step + rank) * 4 : (2 * step + rank + 1) * 4]  # each rank its own shard
         batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
         opt.step(lambda: ddp(**batch).loss)
+    opt.flush()
     return model, opt
 
 

@@ -96,10 +96,11 @@ def test_accelerate_launch_two_processes(tmp_path):
 
 def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
     """cge (whose collective is cge_coordinates long), rank and several queries, the forward
-    difference, forward-grad, Adam and the conservative rule under DDP: ranks bit-identical
-    and the applied projected gradient is the mean of the two ranks' own estimates."""
+    difference, forward-grad, Adam, the conservative rule, the one-visit schedule and disk
+    offload under DDP: ranks bit-identical and the applied projected gradient is the mean of
+    the two ranks' own estimates; the one-visit and offloaded runs equal the per-forward one."""
     a, b = launch(torchrun_cmd("methods", tmp_path), tmp_path)
-    assert a.keys() == b.keys() and len(a) == 7
+    assert a.keys() == b.keys() and len(a) == 10
     for name in a:
         ra, rb = a[name], b[name]
         if name == "conservative":  # and one all-reduce of (probe loss, baseline) per step
@@ -117,6 +118,11 @@ def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
         if name != "conservative":
             expected = [(x + y) / 2 for x, y in zip(la[:-1], lb[:-1])]
             assert ra["projected_grads"] == rb["projected_grads"] == expected, name
+    for name in ("one-visit", "offload-disk"):  # bit for bit the per-forward run, on every rank
+        for r in (a, b):
+            assert r[name]["projected_grads"] == r["spsa-1"]["projected_grads"], name
+            for n, p in r["spsa-1"]["params"].items():
+                assert torch.equal(r[name]["params"][n].view(torch.uint8), p.view(torch.uint8)), (name, n)
 
 
 def test_hf_trainer_ranks_agree_with_rank_estimator_and_three_queries(tmp_path):

@@ -355,4 +355,6 @@ def materialize_on_disk(
                 t = torch.empty(p.shape, dtype=p.dtype, device=device)
                 init(names.get(id(p), attr), t)
                 m._parameters[attr] = nn.Parameter(t, requires_grad=p.requires_grad)
-    return BlockOffload(model, "disk", offload_dir, files=files)
+    offload = BlockOffload(model, "disk", offload_dir, files=files)
+    model._zo_offload = offload  # type: ignore[attr-defined]  # ZOOptimizer(offload="disk") takes it over
+    return offload
