@@ -141,20 +141,38 @@ def test_disk_offload_files_hold_the_weights_and_pages_are_let_go(tmp_path):
     assert opt.offload.visits > 0 and opt.offload.bytes_in >= sum(tmp_path.stat().st_size for _ in [0])
 
 
-def test_a_closure_that_is_not_the_model_loss_falls_back_with_the_reason(caplog):
-    ref, _ = run("opt", dropout=0.0, schedule="per-forward")
+def _objective_runs(closure_of, **kw):
     m = tiny("opt", 0.0)
     b = tiny_batch("llama")
-    opt = ZOOptimizer(m, lr=1e-2, eps=1e-3, seed=1, schedule="one-visit")
-    with caplog.at_level(logging.WARNING, logger="zo_plugins"):
-        for _ in range(3):  # an objective computed from the logits, not outputs.loss
-            opt.step(lambda: m(**b).logits.float().pow(2).mean())
-    assert "one-visit schedule does not apply" in caplog.text and opt.perturber.dual_off
-    ref2 = tiny("opt", 0.0)
-    opt2 = ZOOptimizer(ref2, lr=1e-2, eps=1e-3, seed=1)
+    opt = ZOOptimizer(m, lr=1e-2, eps=1e-3, seed=1, **kw)
     for _ in range(3):
-        opt2.step(lambda: ref2(**b).logits.float().pow(2).mean())
-    assert_bit_identical(params_snapshot(ref2), params_snapshot(m))
+        opt.step(closure_of(m, b))
+    return m, opt
+
+
+def test_a_loss_computed_from_the_outputs_runs_in_one_visit_too():
+    """The closure's model call is answered twice: one pass over the model, then the closure
+    computes its own loss (here from the logits) on each half's outputs."""
+
+    def objective(m, b):
+        return lambda: m(**b).logits.float().pow(2).mean()
+
+    ref, _ = _objective_runs(objective)
+    m, opt = _objective_runs(objective, schedule="one-visit")
+    assert not opt.perturber.dual_off
+    assert_bit_identical(params_snapshot(ref), params_snapshot(m))
+
+
+def test_a_closure_the_schedule_cannot_serve_falls_back_with_the_reason(caplog):
+    def fresh_inputs(m, b):  # a new input tensor for every call: the two calls cannot be paired
+        return lambda: m(input_ids=b["input_ids"].clone()).logits.float().pow(2).mean()
+
+    ref, _ = _objective_runs(fresh_inputs)
+    with caplog.at_level(logging.WARNING, logger="zo_plugins"):
+        m, opt = _objective_runs(fresh_inputs, schedule="one-visit")
+    assert "one-visit schedule does not apply (the closure called the model with other inputs" in caplog.text
+    assert opt.perturber.dual_off
+    assert_bit_identical(params_snapshot(ref), params_snapshot(m))
 
 
 def test_bad_offload_settings_are_refused_before_any_weight_changes(tmp_path):

@@ -4,6 +4,7 @@ artefacts, --print_config of every recipe, and the one-sentence errors."""
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from pathlib import Path
 
@@ -323,3 +324,28 @@ def test_trainable_patterns_freeze_the_rest(tiny, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(cfg), "--model.trainable", '["no.such.*"]'])
     expect_one_sentence(e.value.code, "matches no parameter")
+
+
+def test_fit_with_disk_offload_equals_the_in_memory_run(tiny, tmp_path, caplog):
+    """zo-train's prompt-classification loss is computed from the label-word logits, not by the
+    model: the one-visit schedule answers the model call once per half, so offloading to disk
+    gives the in-memory run's checkpoint bit for bit."""
+    states = []
+    for name, extra in (("mem", []), ("disk", ["--trainer.strategy.init_args.offload", "disk"])):
+        (tmp_path / name).mkdir()
+        cfg = run_config(tiny, tmp_path / name)
+        if extra:
+            extra += ["--trainer.strategy.init_args.offload_dir", str(tmp_path / "blocks")]
+        with caplog.at_level(logging.WARNING, logger="zo_plugins"):
+            main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", *extra])
+        states.append(torch.load(next((tmp_path / name / "run").rglob("*.ckpt")), weights_only=False))
+    mem, disk = states
+    assert "one-visit schedule does not apply" not in caplog.text
+    assert disk["zo_plugins"]["config"]["offload"] == "disk"
+    assert any(not torch.equal(v, 0 * v) for v in disk["state_dict"].values())
+    for k, v in mem["state_dict"].items():
+        assert torch.equal(v, disk["state_dict"][k]), k
+    assert sorted(p.name for p in (tmp_path / "blocks").glob("block-*.safetensors")) == [
+        "block-00000.safetensors",
+        "block-00001.safetensors",
+    ]

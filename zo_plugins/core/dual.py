@@ -91,6 +91,12 @@ class DualUnits:
                 "one-visit schedule perturbs parameters per unit (a block or a leaf module)."
             )
         self.losses = [m for m in model.modules() if hasattr(type(m), "loss_function")]
+        # the outermost Hugging Face models: the calls a closure makes, answered twice (below)
+        entries: list[nn.Module] = []
+        for m in model.modules():
+            if hasattr(type(m), "loss_function") and not any(m in e.modules() for e in entries):
+                entries.append(m)
+        self.entries = entries
 
 
 class DualRun:
@@ -120,9 +126,9 @@ class DualRun:
         self._saved_loss: list[tuple[nn.Module, bool, Any]] = []
         self._mode: Any = None
         self.depth = 0
-        self._caches: dict[
-            int, Any
-        ] = {}  # a KV cache object the model passes its blocks -> the second half's
+        self._caches: dict[int, Any] = {}  # a KV cache the model hands its blocks -> the second half's
+        self._answer: tuple[list[int], Any] | None = None  # (ids of the call's tensors, 2nd half's output)
+        self.entry_calls = 0
 
     # ------------------------------------------------------------------ the units
     def _split_run(self, unit: nn.Module, orig: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -230,11 +236,46 @@ class DualRun:
         self._saved_loss.append((model, had, model.__dict__.get("_loss_function")))
         model.loss_function = loss_function
 
+    # ------------------------------------------------------------------ the closure's model call
+    def _wrap_entry(self, model: nn.Module) -> None:
+        """Answer the closure's model call twice: the first call runs the model once on the
+        doubled batch and returns the first half's outputs, keeping the second half's; the
+        closure's second call, with the same inputs, gets them without computing."""
+        had = "forward" in model.__dict__
+        orig = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            ids = [id(v) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+            if self._answer is not None:
+                if ids != self._answer[0]:
+                    raise NotDual(
+                        "the closure called the model with other inputs for the second perturbation"
+                    )
+                out, self._answer = self._answer[1], None
+                return out
+            self.entry_calls += 1
+            if self.entry_calls > 1:
+                raise NotDual("the closure called the model more than once per perturbation")
+            n_losses = len(self.losses)
+            out = orig(*args, **kwargs)
+            B = self.batch
+            if B is None:
+                raise NotDual("no unit ran in the model's forward")
+            losses = self.losses[n_losses:]
+            out_a, out_b = _split_outputs(out, B, losses[0] if len(losses) == 1 else None)
+            self._answer = (ids, out_b)
+            return out_a
+
+        self._saved_forward.append((model, had, model.__dict__.get("forward")))
+        model.forward = forward  # type: ignore[method-assign]
+
     # ------------------------------------------------------------------ context
     def __enter__(self) -> DualRun:
         try:
             for u in self.units.units:
                 self._wrap(u)
+            for m in self.units.entries:
+                self._wrap_entry(m)
             for m in self.units.losses:
                 self._wrap_loss(m)
             self._mode = _TopLevelGuard(self)
@@ -261,8 +302,15 @@ class DualRun:
                 model.__dict__.pop("_loss_function", None)
         self._saved_loss.clear()
 
+    @property
+    def answered(self) -> bool:
+        """The closure's model call went through an entry: call the closure again for the
+        second half (its outputs are ready)."""
+        return self.entry_calls == 1 and self._answer is not None
+
     def pair(self, value: float) -> tuple[float, float]:
-        """(L_a, L_b) after the closure returned ``value``: it must be the model's own loss."""
+        """(L_a, L_b) after the closure returned ``value`` without passing an entry (it called
+        the model's forward function itself): the value must be the model's own loss."""
         if len(self.losses) != 1:
             raise NotDual(
                 f"the model computed {len(self.losses)} per-half losses (expected 1): the closure must call the "
@@ -339,3 +387,39 @@ def _empty_like_cache(cache: Any) -> Any:
     import copy
 
     return copy.deepcopy(cache)
+
+
+def _split_outputs(out: Any, B: int, loss: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[Any, Any]:
+    """The two halves of a model output computed on the doubled batch: tensors whose first
+    dimension is 2B are split; the loss is the per-half one the loss function computed."""
+
+    def split(v: Any, key: str | None = None) -> tuple[Any, Any]:
+        if isinstance(v, torch.Tensor):
+            if key == "loss" or (v.dim() == 0 and key is None):
+                if loss is None:
+                    raise NotDual(
+                        "the model returned a loss that was not computed per half by its loss_function"
+                    )
+                return loss
+            if v.dim() and v.shape[0] == 2 * B:
+                return v[:B], v[B:]
+            if v.dim() == 0:
+                raise NotDual(
+                    f"the model returned the scalar {key!r}, which cannot be split between the halves"
+                )
+            return v, v
+        if isinstance(v, (tuple, list)) and not hasattr(v, "keys"):
+            pairs = [split(x) for x in v]
+            return type(v)(p[0] for p in pairs), type(v)(p[1] for p in pairs)
+        return v, v
+
+    if hasattr(out, "keys") and hasattr(out, "__getitem__"):  # ModelOutput / dict
+        a, b = {}, {}
+        for k in list(out.keys()):
+            a[k], b[k] = split(out[k], k)
+        make = type(out)
+        try:
+            return make(**a), make(**b)
+        except TypeError:
+            return dict(a), dict(b)
+    return split(out)
