@@ -132,6 +132,14 @@ class _MappedFile:
             t = torch.frombuffer(self.mm, dtype=dtype, count=count, offset=self.data_start + lo)
             self.views[name] = t.view(meta["shape"])
 
+    def touch(self) -> None:
+        """Read one byte of every page (in a background thread: numpy's loop releases the GIL),
+        so the pages are resident when the block's forward reads them."""
+        import numpy as np
+
+        view = np.frombuffer(self.mm, dtype=np.uint8)
+        int(view[:: mmap.PAGESIZE].sum(dtype=np.uint64))
+
     def advise(self, what: int) -> None:
         try:
             self.mm.madvise(what, 0, self.size)
@@ -185,6 +193,9 @@ class BlockOffload:
         self.device = device
         self._stream = None
         self._masters: list[dict[str, torch.Tensor]] = []
+        self._staged: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # CUDA: blocks copied ahead
+        self._inflight: list[tuple[Any, list[torch.Tensor]]] = []  # CUDA: copies back not yet landed
+        self._prefetching: dict[int, threading.Thread] = {}  # disk: pages being read ahead
         if mode == "disk":
             if offload_dir is None:
                 raise ValueError(
@@ -249,32 +260,66 @@ class BlockOffload:
 
     # ------------------------------------------------------------------ visits
     def arrive(self, i: int) -> None:
-        """Bring block ``i`` in (and the next one ahead), then apply its pending updates."""
+        """Bring block ``i`` in, start bringing the next one, then apply ``i``'s pending updates."""
         self.visits += 1
+        nxt = i + 1 if i + 1 < len(self.blocks) else None
         if self.mode == "disk":
-            self._files[i].advise(mmap.MADV_WILLNEED)
-            if i + 1 < len(self._files):
-                self._files[i + 1].advise(mmap.MADV_WILLNEED)
+            t = self._prefetching.pop(i, None)
+            if t is not None:
+                t.join()
             self.bytes_in += self._files[i].size
+            if nxt is not None and nxt not in self._prefetching:
+                th = threading.Thread(target=self._files[nxt].touch, daemon=True, name=f"zo-prefetch-{nxt}")
+                th.start()
+                self._prefetching[nxt] = th
         elif self._masters:
-            with torch.no_grad(), torch.cuda.stream(self._stream):
-                for j, (_, _, p) in enumerate(self._named(i)):
-                    p.data = self._masters[i][str(j)].to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-            self.bytes_in += sum(t.numel() * t.element_size() for t in self._masters[i].values())
+            self._h2d_arrive(i)
+            if nxt is not None:
+                self._h2d_issue(nxt)  # overlaps block i's compute on the side stream
         self._apply_pending(i)
 
     def depart(self, i: int) -> None:
-        """Let block ``i`` go: drop its pages (disk) or copy it back to its host masters."""
+        """Let block ``i`` go: drop its pages (disk) or copy its trained tensors back to the
+        pinned host masters (on the side stream, after the compute that wrote them)."""
         if self.mode == "disk":
             self._files[i].advise(mmap.MADV_DONTNEED)
         elif self._masters:
-            with torch.no_grad():
+            compute = torch.cuda.current_stream(self.device)
+            self._stream.wait_stream(compute)
+            with torch.no_grad(), torch.cuda.stream(self._stream):
+                resident = []
                 for j, (_, _, p) in enumerate(self._named(i)):
                     host = self._masters[i][str(j)]
                     if p.requires_grad:
-                        host.copy_(p.detach(), non_blocking=False)
+                        host.copy_(p.detach(), non_blocking=True)
+                    resident.append(p.data)
                     p.data = host
+            self._inflight.append((torch.cuda.Event(), resident))
+            self._inflight[-1][0].record(self._stream)
+
+    # ------------------------------------------------------------------ CUDA transfers (offload="cpu")
+    def _h2d_issue(self, i: int) -> None:
+        if i in self._staged:
+            return
+        with torch.no_grad(), torch.cuda.stream(self._stream):
+            staged = [
+                self._masters[i][str(j)].to(self.device, non_blocking=True)
+                for j in range(len(self._masters[i]))
+            ]
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        self._staged[i] = (ev, staged)
+
+    def _h2d_arrive(self, i: int) -> None:
+        while self._inflight and self._inflight[0][0].query():  # copies back that have landed
+            self._inflight.pop(0)
+        self._h2d_issue(i)
+        ev, staged = self._staged.pop(i)
+        torch.cuda.current_stream(self.device).wait_event(ev)
+        with torch.no_grad():
+            for (_, _, p), t in zip(self._named(i), staged):
+                p.data = t
+        self.bytes_in += sum(t.numel() * t.element_size() for t in staged)
 
     def _apply_pending(self, i: int) -> None:
         todo = self.pending.pop(i, None)
@@ -298,14 +343,22 @@ class BlockOffload:
         queued.append((spec, apply))
 
     def flush(self, blocks: Sequence[int] | None = None) -> None:
-        """Apply every pending update now (a pass over each block that has one)."""
+        """Apply every pending update now (a pass over each block that has one) and make the
+        storage hold it (the files synced; CUDA copies back landed)."""
         for i in sorted(self.pending if blocks is None else blocks):
             if i in self.pending:
                 self.arrive(i)
                 self.depart(i)
+        for t in self._prefetching.values():
+            t.join()
+        self._prefetching.clear()
         if self.mode == "disk":
             for f in self._files:
                 f.flush()
+        elif self._masters:
+            torch.cuda.synchronize(self.device)
+            self._inflight.clear()
+            self._staged.clear()
 
     def close(self) -> None:
         self.flush()
