@@ -160,9 +160,16 @@ class Probe:
                     self.rng.restore()
                 value = as_float_loss(self.closure())
                 if run.answered:  # the second half's outputs are ready: the closure computes its loss
-                    return value, as_float_loss(self.closure())
-            return run.pair(value)
-        except NotDual as e:
+                    pair = value, as_float_loss(self.closure())
+                else:
+                    pair = None
+            pair = pair or run.pair(value)
+            self.perturber.dual_ok = True
+            return pair
+        except Exception as e:  # noqa: BLE001 - the first pair decides whether the schedule applies
+            if not isinstance(e, NotDual) and self.perturber.dual_ok:
+                raise  # it worked before: a real error of the closure
+            e = e if isinstance(e, NotDual) else NotDual(f"{type(e).__name__} in the doubled forward: {e}")
             self.perturber.dual_off = True
             logger.warning(
                 "zo_plugins: the one-visit schedule does not apply (%s); falling back to one forward per "

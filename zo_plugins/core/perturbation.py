@@ -77,6 +77,8 @@ class Perturber:
         """``core.dual.DualUnits`` under the one-visit schedule (None: one forward per perturbation)."""
         self.dual_off = False
         """Set when the one-visit schedule turned out not to apply (the fallback is logged once)."""
+        self.dual_ok = False
+        """Set once a pair ran in one visit: later errors are the closure's own."""
 
     # ------------------------------------------------------------------ in place
     def shift(self, plan: StepPlan, terms: list[Term]) -> None:
