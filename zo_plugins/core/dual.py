@@ -256,6 +256,9 @@ class DualRun:
             self.entry_calls += 1
             if self.entry_calls > 1:
                 raise NotDual("the closure called the model more than once per perturbation")
+            main = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+            if isinstance(main, torch.Tensor) and main.dim() and self.batch is None:
+                self.batch = main.shape[0]  # the batch, before any unit doubles it
             n_losses = len(self.losses)
             out = orig(*args, **kwargs)
             B = self.batch
