@@ -134,8 +134,9 @@ class ZOConfig:
         "bit-identical in every dtype; costs a transient copy of one module's trainable "
         "tensors. 'in-place': theta is perturbed in place in bounded chunks (the least "
         "memory; float32 round trips drift by a few ulp; refused for fp16/bf16, where they "
-        "drift 20-150x a MeZO update). 'auto': in-place for float32/float64 tensors (inference "
-        "memory; restore within an ulp), out-of-place for bf16/fp16 tensors (exact).",
+        "drift 20-150x a MeZO update). 'auto': out-of-place whenever the model is known (every "
+        "integration; exact in every dtype, and no exception or Ctrl-C leaves the weights "
+        "perturbed), in-place when only tensors are given.",
     )
     backend: str = _help(
         "auto",

@@ -149,9 +149,29 @@ def test_a_backprop_sized_learning_rate_is_warned_about_in_the_first_steps(caplo
     with caplog.at_level(logging.WARNING, logger="zo_plugins"):
         for _ in range(2):  # measured: the loss goes 4.2 -> 7.0 by step 4 and 3e3 by step 8
             opt.step(lambda: model(**batch).loss)
-    assert "ZO step 1 moved the trainable weights by" in caplog.text and "(lr=0.1," in caplog.text
+    assert "ZO step 1 moves the trainable weights by" in caplog.text and "(lr=0.1," in caplog.text
     assert "MeZO uses 1e-7 to 1e-5" in caplog.text
     assert opt.last_step.update_norm > start  # what the warning says
+
+
+def test_a_loss_that_grows_tenfold_is_warned_about(caplog):
+    m = mlp()
+    values = iter([1.0, 1.0, 2.0, 2.0, 50.0, 50.0])  # L+ = L-: no update, only the loss grows
+
+    def closure():
+        m(X)
+        return torch.tensor(next(values))
+
+    opt = ZOOptimizer(m, lr=1e-3)
+    with caplog.at_level(logging.WARNING, logger="zo_plugins"):
+        for _ in range(2):
+            opt.step(closure)
+        assert "diverges" not in caplog.text  # 1 -> 2: not yet
+        opt.step(closure)
+    assert (
+        "ZO step 2: the loss went from 1 to 50 since the first step: the run diverges (lr=0.001)"
+        in caplog.text
+    )
 
 
 @pytest.mark.parametrize("lr,eps,trainable", [(1e-6, 1e-3, "full"), (1e-4, 1e-2, "lora")])

@@ -161,6 +161,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._validated = not any(s.in_place for s in self.specs())  # out of place: nothing to protect
         self._weight_norm: float | None = None
         self._warned_update = False
+        self._first_loss: float | None = None
         self.last_step = ZOStepInfo()
         check_launch()
 
@@ -526,7 +527,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._warned_update = True
             lrs = sorted({lr for lr, _, _ in groups})
             logger.warning(
-                "ZO step %d moved the trainable weights by %.3g times their norm (lr=%s, |projected "
+                "ZO step %d moves the trainable weights by %.3g times their norm (lr=%s, |projected "
                 "grad|=%.3g): a backprop-sized learning rate diverges under zeroth-order training. "
                 "ZO needs learning rates 100-10,000x smaller: MeZO uses 1e-7 to 1e-5 for full-parameter "
                 "fine-tuning and 1e-5 to 1e-3 for LoRA (with eps 1e-3 / 1e-2).",
@@ -534,6 +535,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                 norm / self._weight_norm,
                 lrs[0] if len(lrs) == 1 else lrs,
                 max(abs(g) for g in projected_grads),
+            )
+
+    def _watch_divergence(self, step: int, est: ZOEstimate) -> None:
+        """Warn once when the loss has grown tenfold since the first step (minimising): a run
+        that diverges, most often from a backprop-sized learning rate."""
+        loss = est.loss
+        if self._warned_update or self.config.maximize or not math.isfinite(loss):
+            return
+        if self._first_loss is None:
+            self._first_loss = loss
+            return
+        if loss > 10 * abs(self._first_loss) + 1.0:
+            self._warned_update = True
+            lrs = sorted({float(g["lr"]) for g in self.param_groups})
+            logger.warning(
+                "ZO step %d: the loss went from %.4g to %.4g since the first step: the run diverges (lr=%s). "
+                "ZO needs learning rates 100-10,000x smaller than backprop: MeZO uses 1e-7 to 1e-5 for "
+                "full-parameter fine-tuning and 1e-5 to 1e-3 for LoRA.",
+                step,
+                self._first_loss,
+                loss,
+                lrs[0] if len(lrs) == 1 else lrs,
             )
 
     def skip(self, *, step: int | None = None) -> None:
@@ -617,6 +640,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._grad_norm if not skipped else float("nan"),
             self._update_norm if not (skipped or rejected) else 0.0,
         )
+        self._watch_divergence(step, est)
         if self._recorder is not None:
             self._recorder.step(
                 step,

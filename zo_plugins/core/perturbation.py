@@ -243,6 +243,8 @@ class OutOfPlace:
         self.saved[mod] = saved
 
     def _post(self, mod: nn.Module, args: Any, output: Any) -> None:
+        if not self.depth.get(mod):  # an earlier pre-hook raised before ours ran: nothing to undo
+            return
         self.depth[mod] -= 1
         if self.depth[mod] == 0:
             for attr, p in self.saved.pop(mod, []):
