@@ -148,13 +148,14 @@ def child(name: str, mode: str, batch: int, seq: int, steps: int, threads: int, 
         block_bytes = sum(p.numel() * p.element_size() for b in opt.offload.blocks for p in b.parameters())
     base_rss = _status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to now
-    times, reads, writes, bytes_in = [], [], [], []
+    times, cpu, reads, writes, bytes_in = [], [], [], [], []
     for _ in range(steps):
         io0 = _io()
         in0 = opt.offload.bytes_in if opt.offload is not None else 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.step(lambda: model(**inputs).loss)
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         io1 = _io()
         reads.append(io1["read_bytes"] - io0["read_bytes"])
         writes.append(io1["write_bytes"] - io0["write_bytes"])
@@ -175,6 +176,8 @@ def child(name: str, mode: str, batch: int, seq: int, steps: int, threads: int, 
         "setup_s": setup_s,
         "step_s": statistics.median(times[1:] if len(times) > 1 else times),
         "times_s": times,
+        "cpu_s": statistics.median(cpu[1:] if len(cpu) > 1 else cpu),
+        "cpu_times_s": cpu,
         "baseline_rss_mib": base_rss / 1024,
         "peak_rss_mib": peak / 1024,
         "read_bytes_per_step": reads,
@@ -264,7 +267,7 @@ def main() -> None:
             results.append(r)
             gb = 1e9
             print(
-                f"{name:10s} {mode:16s} step {r['step_s']:8.2f} s  peak RSS {r['peak_rss_mib']:9.1f} MiB "
+                f"{name:10s} {mode:16s} step {r['step_s']:8.2f} s (cpu {r['cpu_s']:8.2f} s)  peak RSS {r['peak_rss_mib']:9.1f} MiB "
                 f"(model {r['model_bytes'] / 2**20:9.1f} MiB)  read/step {statistics.mean(r['read_bytes_per_step']) / gb:6.2f} GB  "
                 f"written/step {statistics.mean(r['write_bytes_per_step']) / gb:6.2f} GB  "
                 f"blocks in/step {statistics.mean(r['block_bytes_in_per_step']) / gb:6.2f} GB",
