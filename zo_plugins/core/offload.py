@@ -58,6 +58,18 @@ _ST_DTYPES = {
 }
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap the blocks' in-memory copies occupied back to the OS (glibc keeps freed
+    allocations below its mmap threshold -- up to 32 MiB, most block tensors -- in the heap, so
+    the resident set would not shrink after offloading)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """(qualified name, blocks) of the model's transformer blocks: the ``nn.ModuleList`` of at
     least two modules of one class holding the most parameters (Llama/Mistral/Qwen/Phi
@@ -243,6 +255,7 @@ class BlockOffload:
                     p.data = f.views[str(j)]
             f.advise(mmap.MADV_DONTNEED)
             self._files.append(f)
+        _release_freed_memory()
 
     def _to_host(self) -> None:
         """CUDA model, offload='cpu': pinned CPU masters; the parameters point at them."""
