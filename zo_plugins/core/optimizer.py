@@ -28,16 +28,17 @@ import torch
 from torch import nn
 
 from ..config import ZOConfig
-from .backend import Passes, passes_for_masks, select_backend
+from .backend import TORCH_PASSES, Passes, passes_for_masks, select_backend
 from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
 from .interrupts import deferred_interrupts
 from .noise import PHILOX_GAUSSIAN, STREAM_VERSION
 from .params import build_blocks, build_group_specs, model_names, model_order, resolve_modes
 from .passes import ParamSpec
-from .perturbation import Perturber, direction_tensor
+from .perturbation import direction_tensor
 from .plan import StepPlan, make_plan, step_seeds
 from .recorder import Recorder
+from .sharding import check_sharded_config, localize_specs, make_perturber, prepare_model
 from .trajectory import FORMAT, VERSION, weights_hash
 from .updates import get_update_rule, init_state
 
@@ -129,6 +130,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"mask_fn must be callable (name, param, step) -> bool tensor, not {mask_fn!r}.")
         if isinstance(params, nn.Module):
             model = params
+        prepare_model(model)  # FSDP2: reshard the groups a forward left gathered; refuse FSDP1
+        if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
         params = list(params)
         if not params:
@@ -146,7 +149,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._specs: list[list[ParamSpec]] = []
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))  # add_param_group builds specs
         self._configure()
-        self.perturber = Perturber(model, cfg, on_shift=self._record_shift)
+        self.perturber = make_perturber(model, cfg, self.specs(), on_shift=self._record_shift)
         self._plan: StepPlan | None = None
         self._step = 0
         self.skipped_steps = 0
@@ -166,7 +169,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         from the next step on, with the group's own ``lr`` / ``weight_decay``."""
         super().add_param_group(param_group)
         gi = len(self.param_groups) - 1
-        specs = build_group_specs(
+        specs = build_group_specs(  # a sharded (FSDP2) tensor becomes its local shard: core.sharding
             self.param_groups[gi]["params"],
             gi,
             names=self._names,
@@ -174,7 +177,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             seen=self._seen,
             has_model=self.model is not None,
         )
-        self._specs.append(specs)
+        self._specs.append(localize_specs(specs))
         if hasattr(self, "perturber"):  # after __init__: a group added during training
             if self._recorder is not None:
                 raise ValueError(
@@ -193,6 +196,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         )
         self._mode = resolve_modes(self.specs(), cfg, self.model, unperturbed=unperturbed)
         self.backend, self._passes, self.backend_reason = select_backend(cfg.backend, self.specs())
+        if any(s.source is not None for s in self.specs()):  # FSDP2 shards (core.sharding)
+            check_sharded_config(
+                cfg, self.specs(), estimator=cfg.estimator, mask_fn=self.mask_fn, model=self.model
+            )
+            self.backend, self._passes = "torch", TORCH_PASSES
+            self.backend_reason = (
+                "sharded (FSDP2) parameters run on the PyTorch passes (global element offsets)"
+            )
         self.stream = self._resolve_stream()
         self._ordered = model_order(self.specs(), self.model)
         self._blocks = build_blocks(self._ordered)
@@ -404,7 +415,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 continue
             states, steps = [], []
             for spec in specs:
-                state = self.state[spec.param]
+                state = self.state[spec.param if spec.source is None else spec.source]
                 if not state:
                     state.update(init_state(rule, spec.param))
                     state["step"] = 0
@@ -445,18 +456,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         update moves the weights by more than their norm: a backprop-sized learning rate,
         which diverges under ZO."""
         own = math.sqrt(sum((g / len(plan.seeds)) ** 2 for g in projected_grads))
-        dims = sum(s.param.numel() for _, _, specs in groups for s in specs)
+        dims = sum(s.global_numel for _, _, specs in groups for s in specs)
         self._grad_norm = own * math.sqrt(dims)
         amp = math.sqrt(sum(c * c for _, c in terms)) if rule in (None, "momentum") else 1.0
-        sq = sum((lr * amp) ** 2 * sum(s.param.numel() for s in specs) for lr, _, specs in groups)
+        sq = sum((lr * amp) ** 2 * sum(s.global_numel for s in specs) for lr, _, specs in groups)
         norm = math.sqrt(sq)
         self._update_norm = norm
         if self._warned_update or not math.isfinite(norm) or norm == 0.0:
             return
         if self._weight_norm is None:
             with torch.no_grad():
-                self._weight_norm = math.sqrt(
-                    sum(float(s.param.detach().double().square().sum()) for s in self.specs())
+                self._weight_norm = math.sqrt(  # a shard's sum scaled to its whole tensor (an estimate)
+                    sum(
+                        float(s.param.detach().double().square().sum())
+                        * s.global_numel
+                        / max(s.param.numel(), 1)
+                        for s in self.specs()
+                    )
                 )
         if self._weight_norm > 0 and norm > UPDATE_NORM_WARNING * self._weight_norm:
             self._warned_update = True
