@@ -33,6 +33,7 @@ from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
 from .interrupts import deferred_interrupts
 from .noise import PHILOX_GAUSSIAN, STREAM_VERSION
+from .pairs import PairParallel
 from .params import build_blocks, build_group_specs, model_names, model_order, resolve_modes
 from .passes import ParamSpec
 from .perturbation import direction_tensor
@@ -140,7 +141,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "(requires_grad=True) or a non-empty list of tensors."
             )
         self.model = model
-        self.estimator = get_estimator(cfg.estimator)
+        self._pair = PairParallel(cfg) if cfg.perturbation_parallel else None  # core.pairs
+        self.estimator = get_estimator(cfg.estimator) if self._pair is None else self._pair.estimator
         self.rule = get_update_rule(cfg.optimizer)
         self.ranking_oracle = ranking_oracle
         self.mask_fn = mask_fn
@@ -506,11 +508,17 @@ class ZOOptimizer(torch.optim.Optimizer):
                 "e.g. opt.step(lambda: model(**batch).loss); it calls it twice per direction."
             )
         est = self._estimate(closure, None)
-        grads, skipped = all_reduce_projected_grads(
-            est.projected_grads, est.skipped, self.config, n=self.grads_per_step
-        )
+        grads, skipped = self.reduce_projected_grads(est.projected_grads, est.skipped)
         self._finish(est.step, grads, skipped, est, probe=closure, baseline=est.loss)
         return torch.tensor(est.loss)
+
+    def reduce_projected_grads(self, grads: Sequence[float], skipped: bool) -> tuple[list[float], bool]:
+        """The step's one collective: the projected gradients averaged over ranks (a step skipped
+        on any rank is skipped on all).  Under perturbation parallelism ``grads`` are this rank's
+        accumulated probe losses and the pairs' gradients are formed here (``core.pairs``)."""
+        if self._pair is not None:
+            return self._pair.reduce(grads, skipped, n=self.grads_per_step)
+        return all_reduce_projected_grads(grads, skipped, self.config, n=self.grads_per_step)
 
     def finish_step(
         self,
@@ -533,6 +541,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _finish(self, step, grads, skipped, est, probe=None, baseline=None) -> None:
         lp = est.losses_plus[-1] if est.losses_plus else float("nan")
         lm = est.losses_minus[-1] if est.losses_minus else float("nan")
+        if self._pair is not None and self._pair.losses is not None:
+            lp, lm = self._pair.losses  # each rank probed one side: the exchanged pair losses
         plan = self.plan(step)
         clipped = False
         c = self.config.clip_projected_grad
