@@ -113,13 +113,14 @@ def reshard_all(modules: Iterable[nn.Module]) -> None:
 
 def _check_no_flat_parameters(model: nn.Module) -> None:
     try:
-        from torch.distributed.fsdp import FlatParameter
+        from torch.distributed.fsdp import FlatParameter, FullyShardedDataParallel
     except ImportError:  # pragma: no cover
         return
     flat = [n for n, p in model.named_parameters() if isinstance(p, FlatParameter)]
+    flat += [n or "<root>" for n, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
     if flat:
         raise ValueError(
-            f"ZOOptimizer found FSDP1 flat parameters ({flat[0]!r}): FullyShardedDataParallel (FSDP1) "
+            f"ZOOptimizer found FSDP1 ({flat[0]!r}): FullyShardedDataParallel (FSDP1) "
             "concatenates a module's tensors into one flat buffer, so a tensor's name, shape and padding rows "
             "are lost and a shard does not start at a row. Shard with FSDP2 instead "
             "(torch.distributed.fsdp.fully_shard; in Lightning, zo_plugins.lightning.ZOModelParallelStrategy; "
