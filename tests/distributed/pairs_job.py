@@ -122,6 +122,16 @@ def run_plain() -> dict:
         "error": error,
         "unchanged": all(torch.equal(before[n], p) for n, p in model.named_parameters()),
     }
+    # a non-finite loss on one rank skips the step on every rank
+    model = tiny_hf_model("opt")
+    opt = ZOOptimizer(model, lr=1e-2, perturbation_parallel=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(lambda: model(**batch).loss * (float("nan") if lay.rank == 3 else 1.0))
+    out["nan-skip"] = {
+        "skipped": opt.last_step.skipped,
+        "skipped_steps": opt.skipped_steps,
+        "unchanged": all(torch.equal(before[n], p) for n, p in model.named_parameters()),
+    }
     return out
 
 

@@ -25,7 +25,7 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_four_processes_two_pairs_match_single_process_gradients(tmp_path):
     ranks = launch(torchrun_cmd("plain", tmp_path, job=JOB, nproc=4), tmp_path, world=4)
-    configs = [k for k in ranks[0] if k != "rng-mismatch"]
+    configs = [k for k in ranks[0] if k not in ("rng-mismatch", "nan-skip")]
     assert len(configs) == 4
     for name in configs:
         rs = [r[name] for r in ranks]
@@ -42,6 +42,8 @@ def test_four_processes_two_pairs_match_single_process_gradients(tmp_path):
         err = r["rng-mismatch"]["error"]
         assert err and "ranks 0 and 1 (pair 0)" in err and "different RNG states" in err
         assert r["rng-mismatch"]["unchanged"], "the step that stopped must leave the weights untouched"
+        # rank 3's NaN loss skips the step on all four ranks
+        assert r["nan-skip"] == {"skipped": True, "skipped_steps": 1, "unchanged": True}
 
 
 def test_hf_zo_trainer_pairs_under_accelerate_equal_one_process(tmp_path):

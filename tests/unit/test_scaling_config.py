@@ -159,3 +159,24 @@ def test_fsdp1_is_refused_with_the_fsdp2_way(one_rank):
     model = FullyShardedDataParallel(tiny_hf_model("opt"), device_id=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"FSDP1 .* Shard with FSDP2 instead"):
         ZOOptimizer(model, lr=1e-3)
+
+
+def test_callbacks_refuse_pairs_where_the_loader_cannot_follow():
+    """The pure HF callback cannot re-shard the Trainer's loader (the Trainer sizes its epochs
+    before callbacks run) and ZOLightningCallback cannot change the strategy's sampler: both
+    name the class that can."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("transformers")
+    from zo_plugins.integrations.hf import _check_pair_sharded
+
+    with pytest.raises(ValueError, match="Use zo_plugins.ZOTrainer"):
+        _check_pair_sharded(torch.utils.data.DataLoader(list(range(4))))
+    pytest.importorskip("lightning")
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from zo_plugins.lightning import ZOLightningCallback
+
+    cb = ZOLightningCallback(perturbation_parallel=True)
+    with pytest.raises(ValueError, match=r"ZODDPStrategy\(perturbation_parallel=True\)"):
+        cb.setup(SimpleNamespace(strategy=SingleDeviceStrategy("cpu")), None, "fit")
