@@ -6,13 +6,19 @@ For 1, 2 and 4 processes (``torchrun``) and each mode:
 * ``zo-pairs``   -- ``ZOOptimizer(perturbation_parallel=True)``: pairs of ranks split the two
   perturbed forwards of one batch (2 and 4 processes);
 * ``zo-fsdp``    -- ``ZOOptimizer`` on an FSDP2 model (``fully_shard`` per decoder layer and on
-  the root), each rank its own batch and its own shards;
+  the root), each rank its own batch and its own shards (out of place: exact);
+* ``zo-fsdp-inplace`` -- the same with ``perturbation='in-place'`` (restore within an ulp);
 * ``bp-ddp``     -- backprop + SGD under DDP, the comparison for bytes: the whole gradient.
 
 Every rank runs ``--steps`` timed steps after one warm-up step.  Reported per configuration:
 
 * ``samples_per_s`` -- samples of the global batch per step (pairs: one batch per pair) over
-  the slowest rank's mean step time;
+  the slowest rank's mean step time (wall clock);
+* ``cpu_s`` / ``samples_per_s_dedicated`` -- the busiest rank's CPU seconds per step
+  (``time.process_time``) and the global batch over it: the throughput with one dedicated core
+  per rank and free communication.  On a shared machine the scheduler gives N processes a
+  larger share of the cores than one, so wall-clock scaling measures the share as much as the
+  method; CPU time does not depend on it;
 * ``bytes_per_step`` -- per rank, the bytes of the tensors it hands to collectives in one step
   (``all_reduce`` input; ``all_gather_single`` / ``all_gather_into_tensor`` input and, as
   ``gathered``, output; DDP's gradient buckets through a counting comm hook), counted by
@@ -48,7 +54,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("zo-ddp", "zo-pairs", "zo-fsdp", "bp-ddp")
+MODES = ("zo-ddp", "zo-pairs", "zo-fsdp", "zo-fsdp-inplace", "bp-ddp")
 WORLDS = (1, 2, 4)
 SIZES = {
     "opt-125m": dict(
@@ -130,7 +136,7 @@ def _build(size: str, mode: str):
     cfg.dropout = cfg.attention_dropout = 0.0
     with torch.device("meta"):
         model = tf.OPTForCausalLM(cfg)
-    if mode == "zo-fsdp":
+    if mode.startswith("zo-fsdp"):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -140,7 +146,7 @@ def _build(size: str, mode: str):
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
     model.to_empty(device="cpu")
-    if mode != "zo-fsdp":
+    if not mode.startswith("zo-fsdp"):
         model.tie_weights()  # to_empty unties the LM head from the embedding (FSDP2 keeps them shared)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -187,7 +193,13 @@ def worker(args) -> None:
     else:
         from zo_plugins import ZOOptimizer
 
-        opt = ZOOptimizer(model, lr=1e-6, eps=1e-3, perturbation_parallel=args.mode == "zo-pairs")
+        opt = ZOOptimizer(
+            model,
+            lr=1e-6,
+            eps=1e-3,
+            perturbation_parallel=args.mode == "zo-pairs",
+            perturbation="in-place" if args.mode == "zo-fsdp-inplace" else "auto",
+        )
     model_kib = _status_kib("VmRSS") - base
     data_rank = rank // 2 if args.mode == "zo-pairs" else rank
     gen = torch.Generator().manual_seed(1000 + data_rank)
@@ -209,16 +221,18 @@ def worker(args) -> None:
     dist.barrier()
     counter.reset()
     counter.active = True
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     counter.active = False
     peak_kib = _status_kib("VmHWM") - base
     mine = {
         "rank": rank,
         "step_s": sum(times) / len(times),
+        "cpu_s": sum(cpu) / len(cpu),
         "bytes_per_step": counter.sent / args.steps,
         "gathered_per_step": counter.gathered / args.steps,
         "calls_per_step": {k: v / args.steps for k, v in counter.calls.items()},
@@ -232,6 +246,7 @@ def worker(args) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         batches = world // 2 if args.mode == "zo-pairs" else world
         slowest = max(r["step_s"] for r in everyone)
+        busiest = max(r["cpu_s"] for r in everyone)
         out = {
             "mode": args.mode,
             "world": world,
@@ -240,6 +255,9 @@ def worker(args) -> None:
             "global_batch": batches * args.batch,
             "step_s": slowest,
             "samples_per_s": batches * args.batch / slowest,
+            "cpu_s": busiest,
+            "samples_per_cpu_s": batches * args.batch / sum(r["cpu_s"] for r in everyone),
+            "samples_per_s_dedicated": batches * args.batch / busiest,
             "ranks": everyone,
         }
         Path(args.out).write_text(json.dumps(out))
@@ -315,13 +333,14 @@ def _machine() -> dict:
 
 def table(report: dict) -> str:
     rows = [
-        f"{'mode':<9} {'procs':>5} {'step s':>7} {'samples/s':>9} {'bytes/step/rank':>16} "
+        f"{'mode':<15} {'procs':>5} {'step s':>7} {'cpu s':>6} {'samples/s':>9} {'ded. s/s':>8} {'bytes/step/rank':>16} "
         f"{'gathered/step':>14} {'model MiB/rank':>15} {'peak MiB/rank':>14}"
     ]
     for r in report["runs"]:
         ranks = r["ranks"]
         rows.append(
-            f"{r['mode']:<9} {r['world']:>5} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
+            f"{r['mode']:<15} {r['world']:>5} {r['step_s']:>7.2f} {r['cpu_s']:>6.2f} {r['samples_per_s']:>9.2f} "
+            f"{r['samples_per_s_dedicated']:>8.2f} "
             f"{_fmt_bytes(max(x['bytes_per_step'] for x in ranks)):>16} "
             f"{_fmt_bytes(max(x['gathered_per_step'] for x in ranks)):>14} "
             f"{max(x['model_mib'] for x in ranks):>15.0f} {max(x['peak_mib'] for x in ranks):>14.0f}"
@@ -346,13 +365,19 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    colors = {"zo-ddp": "#1f77b4", "zo-pairs": "#2ca02c", "zo-fsdp": "#ff7f0e", "bp-ddp": "#7f7f7f"}
+    colors = {
+        "zo-ddp": "#1f77b4",
+        "zo-pairs": "#2ca02c",
+        "zo-fsdp": "#ff7f0e",
+        "zo-fsdp-inplace": "#d62728",
+        "bp-ddp": "#7f7f7f",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    width = 0.2
+    width = 0.16
     for i, mode in enumerate(MODES):
         mine = {r["world"]: r for r in runs if r["mode"] == mode}
         xs = [w for w in WORLDS if w in mine]
-        pos = [WORLDS.index(w) + (i - 1.5) * width for w in xs]
+        pos = [WORLDS.index(w) + (i - (len(MODES) - 1) / 2) * width for w in xs]
         kw = dict(width=width, color=colors[mode], label=mode)
         axes[0].bar(pos, [max(x["peak_mib"] for x in mine[w]["ranks"]) for w in xs], **kw)
         axes[0].bar(
@@ -363,26 +388,31 @@ def plot(report: dict, path: Path) -> None:
             edgecolor="black",
             hatch="//",
         )
-        axes[1].bar(pos, [mine[w]["samples_per_s"] for w in xs], **kw)
-        axes[2].bar(pos, [max(max(x["bytes_per_step"] for x in mine[w]["ranks"]), 1) for w in xs], **kw)
+        axes[1].bar(pos, [mine[w]["samples_per_s_dedicated"] for w in xs], **kw)
+        axes[1].plot(pos, [mine[w]["samples_per_s"] for w in xs], "k_", markersize=12, mew=2)
+        sent = [max(x["bytes_per_step"] for x in mine[w]["ranks"]) for w in xs]
+        axes[2].bar(pos, [max(b, 1e-9) for b in sent], **kw)
+        for x, b in zip(pos, sent):
+            axes[2].text(x, max(b, 1.5), _fmt_bytes(b), rotation=90, ha="center", va="bottom", fontsize=7)
     titles = (
         "peak memory per rank over the interpreter (MiB)\nhatched: the model's share after building it",
-        "samples / s (4 processes time-share 2 cores)",
-        "bytes handed to collectives per step and rank\n(payload; log scale)",
+        "samples / s with one core per rank (bars: from CPU time)\nblack: wall clock on this shared 2-core machine",
+        "bytes handed to collectives per step and rank\n(payload, log scale; FSDP also receives 2x its gathers)",
     )
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(WORLDS)), [f"{w} proc" for w in WORLDS])
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[2].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    axes[2].set_ylim(1, 1e11)
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="lower center", ncol=len(MODES), fontsize=8)
     m = report["machine"]
     fig.suptitle(
-        f"zo_plugins scaling on CPU (gloo), {report['size']} shape, batch {report['batch']}x{report['seq']} per "
-        f"batch -- {m['host']}, {m['cores']} cores, {m['date']}",
+        f"zo_plugins scaling on CPU (gloo), {report['size']} shape, a batch of {report['batch']} x {report['seq']} "
+        f"tokens per rank (per pair for zo-pairs) -- {m['host']}, {m['cores']} cores, {m['date']}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
