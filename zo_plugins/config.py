@@ -165,6 +165,15 @@ class ZOConfig:
         "When torch.distributed is initialised, average the projected gradient (one scalar "
         "per direction) over all ranks before the update.",
     )
+    perturbation_parallel: bool = _help(
+        False,
+        "Perturbation parallelism (DistZO2): with 2k processes, ranks 2p and 2p+1 form pair p and "
+        "evaluate theta + eps*z and theta - eps*z on the same batch at the same time (one forward per "
+        "rank instead of two); one all-reduce of a few float64 values per optimizer step exchanges the "
+        "losses and every rank applies the same update. The k pairs are data parallel: shard the data "
+        "per pair (ZODDPStrategy and ZOTrainer do; zo_plugins.distributed.pair_sampler for your own "
+        "loop). estimator='spsa' only.",
+    )
     clip_projected_grad: float | None = _help(
         None,
         "Clip the projected gradient to [-c, c] before the update (QZO's directional-derivative "
@@ -293,9 +302,11 @@ class ZOConfig:
                 "kernels cannot draw: use gaussian_stream='philox' (or 'auto') with backend='triton', "
                 "or backend='torch'."
             )
-        for name in ("stochastic_rounding", "all_reduce"):
+        for name in ("stochastic_rounding", "all_reduce", "perturbation_parallel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ZOConfig.{name}={getattr(self, name)!r} is invalid: use True or False.")
+        if self.perturbation_parallel is True:
+            _check_perturbation_parallel(self)
         if self.clip_projected_grad is not None:
             c = self.clip_projected_grad
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
@@ -361,4 +372,30 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(
             f"ZOConfig.{name}={value!r} is not valid: choose one of {', '.join(map(repr, choices))}."
+        )
+
+
+def _check_perturbation_parallel(cfg: ZOConfig) -> None:
+    if cfg.estimator != "spsa":
+        raise ValueError(
+            f"ZOConfig.perturbation_parallel=True splits the two forwards of estimator='spsa' between two "
+            f"ranks; estimator={cfg.estimator!r} has no such pair. Use estimator='spsa' or "
+            "perturbation_parallel=False."
+        )
+    if cfg.optimizer == "zo-sgd-conservative":
+        raise ValueError(
+            "ZOConfig.perturbation_parallel=True cannot run optimizer='zo-sgd-conservative': its extra probe of "
+            "the candidate update would run on one rank of each pair only. Use another update rule."
+        )
+    if not cfg.all_reduce:
+        raise ValueError(
+            "ZOConfig.perturbation_parallel=True needs all_reduce=True: the pairs' two losses are exchanged by "
+            "that all-reduce."
+        )
+    if cfg.offload is not None or cfg.schedule == "one-visit":
+        raise ValueError(
+            f"ZOConfig.perturbation_parallel=True runs one perturbed forward per rank; "
+            f"{'offload=' + repr(cfg.offload) if cfg.offload is not None else 'schedule=' + repr(cfg.schedule)} "
+            "runs both forwards in one visit of each block. Use one or the other "
+            "(perturbation_parallel=False, or schedule='auto' without offload)."
         )

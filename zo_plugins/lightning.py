@@ -1,9 +1,9 @@
 """``zo_plugins.lightning``: the Lightning strategies and callback.
 
-``from zo_plugins.lightning import ZOStrategy, ZODDPStrategy, ZOLightningCallback``.  Lightning
+``from zo_plugins.lightning import ZOStrategy, ZODDPStrategy, ZOModelParallelStrategy, ZOLightningCallback``.  Lightning
 is imported only when one of these names is used; without it the import fails with the
 ``pip install`` line to run.  Importing them also registers the strategy names ``"zo"`` and
-``"zo_ddp"`` (``L.Trainer(strategy="zo")``).
+``"zo_ddp"`` (``L.Trainer(strategy="zo")``), and ``"zo_model_parallel"`` (FSDP2).
 """
 
 from __future__ import annotations
@@ -11,9 +11,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for type checkers and linters; at run time __getattr__ imports lazily
-    from .integrations.lightning import ZODDPStrategy, ZOLightningCallback, ZOMixin, ZOStrategy
+    from .integrations.lightning import (
+        ZODDPStrategy,
+        ZOLightningCallback,
+        ZOMixin,
+        ZOModelParallelStrategy,
+        ZOStrategy,
+    )
 
-__all__ = ["ZOMixin", "ZOStrategy", "ZODDPStrategy", "ZOLightningCallback"]
+__all__ = ["ZOMixin", "ZOStrategy", "ZODDPStrategy", "ZOModelParallelStrategy", "ZOLightningCallback"]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,11 +23,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cmd: list[str], out: Path) -> list[dict]:
+def launch(cmd: list[str], out: Path, world: int = 2) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def check(ranks: list[dict], steps: int = STEPS, grads_per_step: int = 1) -> None:
@@ -44,13 +44,13 @@ def check(ranks: list[dict], steps: int = STEPS, grads_per_step: int = 1) -> Non
         assert r["scalar_numel"] == steps * (grads_per_step + 1)
 
 
-def torchrun_cmd(mode: str, out: Path, job: Path = JOB, zo: str | None = None) -> list[str]:
+def torchrun_cmd(mode: str, out: Path, job: Path = JOB, zo: str | None = None, nproc: int = 2) -> list[str]:
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        "2",
+        str(nproc),
         "--master_port",
         str(free_port()),
         str(job),

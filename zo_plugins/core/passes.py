@@ -50,10 +50,24 @@ class ParamSpec:
     watch_grad: bool = False
     """The tensor required grad when the optimizer was built: a step where its
     ``requires_grad`` is off leaves it out (no gradient, no update), as backprop would."""
+    # -- sharded parameters (FSDP2, ``core.sharding``): ``param`` is this rank's local shard
+    offset: int = 0
+    """Element offset of ``param``'s first element in the whole tensor: directions are drawn
+    at ``offset + i``, so a shard gets exactly its slice of the unsharded direction."""
+    full_numel: int | None = None
+    """Elements of the whole tensor ``param`` is a shard of (None: ``param`` is whole)."""
+    source: torch.Tensor | None = None
+    """The parameter object ``param`` is the local shard of (a ``DTensor``): the optimizer's
+    state is keyed by it."""
 
     @property
     def row_len(self) -> int:
         return self.param.numel() // max(self.param.shape[0], 1) if self.param.dim() else 1
+
+    @property
+    def global_numel(self) -> int:
+        """Elements of the whole tensor (``param``'s own count unless it is a shard)."""
+        return self.param.numel() if self.full_numel is None else self.full_numel
 
 
 def merge_terms(*term_lists: Sequence[Term], restore_scale: float = 1.0) -> list[Term]:
@@ -109,7 +123,12 @@ class _Chunks:
         outside the sparsity mask; a view into a reused buffer."""
         z = self.buffer(spec.param.device, torch.float32, 1)[:n]
         fill_direction_(
-            z, distribution=self.distribution, seed=seed, key=spec.key, offset=start, numel=spec.param.numel()
+            z,
+            distribution=self.distribution,
+            seed=seed,
+            key=spec.key,
+            offset=spec.offset + start,
+            numel=spec.global_numel,
         )
         for s in _frozen_slices(spec, start, n):
             z[s] = 0
@@ -125,11 +144,11 @@ class _Chunks:
         buffer.  A single float32 term is returned unscaled, so callers fold the scale into
         their ``add_(d, alpha=scale)`` instead of paying a pass for it."""
         dev = spec.param.device
-        numel = spec.param.numel()
+        numel, at = spec.global_numel, spec.offset + start  # a shard draws its slice of the whole
         acc = self.buffer(dev, dtype, 0)[:n]
         if dtype == torch.float32 and len(terms) == 1:
             fill_direction_(
-                acc, distribution=self.distribution, seed=terms[0][0], key=spec.key, offset=start, numel=numel
+                acc, distribution=self.distribution, seed=terms[0][0], key=spec.key, offset=at, numel=numel
             )
             scale = terms[0][1]
         else:
@@ -138,7 +157,7 @@ class _Chunks:
             acc.zero_()
             for seed, coeff in terms:
                 fill_direction_(
-                    tmp, distribution=self.distribution, seed=seed, key=spec.key, offset=start, numel=numel
+                    tmp, distribution=self.distribution, seed=seed, key=spec.key, offset=at, numel=numel
                 )
                 acc.add_(tmp, alpha=coeff)
         for s in _frozen_slices(spec, start, n):
@@ -294,6 +313,6 @@ def store_chunk_(
     if keep is not None:
         x = torch.where(keep, cur.to(x.dtype), x)
     if cur.dtype in HALF_DTYPES and round_seed is not None:
-        stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=start)
+        stochastic_round_(cur, x, seed=round_seed, key=spec.key, offset=spec.offset + start)
     else:
         cur.copy_(x)

@@ -91,7 +91,9 @@ def make_plan(
         active = list(blocks[b])
     else:
         active = list(specs)
-    active = [s for s in active if s.param.requires_grad or not s.watch_grad]
+    active = [
+        s for s in active if (s.param if s.source is None else s.source).requires_grad or not s.watch_grad
+    ]
     for spec in specs:
         spec.mask = sparsity_mask(spec, cfg, step) if cfg.sparsity else None
         if mask_fn is not None:

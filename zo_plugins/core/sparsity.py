@@ -70,11 +70,11 @@ def sparsity_mask(spec: ParamSpec, config, step: int) -> Callable[[int, int], to
         return MagnitudeMask(spec.param, magnitude_threshold(spec, s, step_seed(config.seed, step)))
     epoch_seed = mix64(config.seed, step // config.sparsity_resample_every, _SALT)
     key = mix64(epoch_seed, spec.key)
-    numel = spec.param.numel()
+    numel, base = spec.global_numel, spec.offset  # a shard (FSDP2) draws its slice of the mask
 
     def mask(start: int, n: int) -> torch.Tensor:
         u = torch.empty(n, device=spec.param.device)
-        native_blocks_(u, seed=key, offset=start, numel=numel, draw=_uniform)
+        native_blocks_(u, seed=key, offset=base + start, numel=numel, draw=_uniform)
         return u >= s
 
     return mask

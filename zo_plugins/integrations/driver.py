@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from ..config import ZOConfig
-from ..core.distributed import all_reduce_projected_grads
 from ..core.estimators import ZOEstimate
 from ..core.optimizer import ZOOptimizer
 
@@ -178,7 +177,7 @@ class ZODriver:
         opt = self._require()
         self.sync(framework_optimizer)
         skip = self._skip or self._acc is None  # None: no micro-batch gave an estimate
-        grads, skipped = all_reduce_projected_grads(self._acc or [], skip, self.config, n=opt.grads_per_step)
+        grads, skipped = opt.reduce_projected_grads(self._acc or [], skip)
         lp = sum(self._lp) if self._lp else float("nan")
         lm = sum(self._lm) if self._lm else float("nan")
         probe, baseline = self._probe or (None, None)
@@ -187,6 +186,7 @@ class ZODriver:
         )
         self.reset_step()
         info = opt.last_step
+        lp, lm = info.loss_plus, info.loss_minus  # perturbation parallelism: the pairs' exchanged losses
         metrics = {
             "zo_skipped_steps": float(opt.skipped_steps),
             "zo_clipped_steps": float(opt.clipped_steps),

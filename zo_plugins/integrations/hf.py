@@ -167,6 +167,8 @@ class ZOCallback(TrainerCallback):
             raise ValueError(f"ZOCallback cannot train through {type(args).__name__} alone: " + _TRL_HINT)
         if model is None or optimizer is None:
             raise RuntimeError("ZOCallback.on_train_begin needs the model and optimizer from the Trainer.")
+        if self.config.perturbation_parallel:
+            _check_pair_sharded(kwargs.get("train_dataloader"))
         self._uninstall_forward()  # a previous run that ended without on_train_end
         self.driver.abort()
         self._model = model
@@ -385,6 +387,18 @@ class ZOCallback(TrainerCallback):
         return loss
 
 
+def _check_pair_sharded(loader: Any) -> None:
+    from ..distributed import PAIR_SHARDED
+
+    if loader is not None and not getattr(loader, PAIR_SHARDED, False):
+        raise ValueError(
+            "ZOCallback(perturbation_parallel=True): both ranks of a pair must read the same batches, but the "
+            "Trainer's training loader is sharded per rank, and the Trainer sizes its epochs from that loader "
+            "before any callback runs. Use zo_plugins.ZOTrainer(..., zo_config={'perturbation_parallel': True}) "
+            "(or zo_trainer(YourTrainer)), which shards the loader per pair when it is built."
+        )
+
+
 def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Rename ``checkpoint-N`` folders whose ``trainer_state.json`` (the file the Trainer
     writes last) is missing or unreadable to ``incomplete-checkpoint-N``, so
@@ -438,6 +452,14 @@ class ZOTrainerMixin:
             raise ValueError("Pass ZO settings either as zo_config or through the ZOCallback, not both.")
         zo._wrap_forward = False
         kwargs["callbacks"] = callbacks
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()  # type: ignore[misc]
+        if self._zo_callback().config.perturbation_parallel:  # both ranks of a pair read the same batches
+            from ..distributed import shard_dataloader_per_pair
+
+            shard_dataloader_per_pair(loader)
+        return loader
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (model.training and torch.is_grad_enabled()):

@@ -48,7 +48,12 @@ import torch
 try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+        StrategyRegistry,
+    )
 except ImportError as e:  # pragma: no cover - exercised only without lightning
     raise ImportError(
         "zo_plugins.lightning needs Lightning: pip install 'zo-plugins[lightning]' "
@@ -59,7 +64,7 @@ from ..config import ZOConfig
 from ..core.optimizer import ZOOptimizer
 from .driver import ZODriver
 
-__all__ = ["ZOMixin", "ZOStrategy", "ZODDPStrategy", "ZOLightningCallback"]
+__all__ = ["ZOMixin", "ZOStrategy", "ZODDPStrategy", "ZOModelParallelStrategy", "ZOLightningCallback"]
 
 logger = logging.getLogger("zo_plugins")
 
@@ -443,8 +448,60 @@ class ZODDPStrategy(ZOMixin, DDPStrategy):
         super().__init__(**rest)
         self._zo_init(config, DDPStrategy, ranking_oracle=ranking_oracle, mask_fn=mask_fn)
 
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Lightning's ``DistributedSampler`` arguments: per rank, or per pair of ranks under
+        ``perturbation_parallel=True`` (both ranks of a pair read the same batches)."""
+        kwargs = DDPStrategy.distributed_sampler_kwargs.fget(self)
+        if self.zo_config.perturbation_parallel:
+            world, rank = kwargs["num_replicas"], kwargs["rank"]
+            if world % 2:
+                raise ValueError(
+                    f"ZODDPStrategy(perturbation_parallel=True) pairs the processes; the world size is {world}. "
+                    "Use an even number of devices."
+                )
+            kwargs = dict(kwargs, num_replicas=world // 2, rank=rank // 2)
+        return kwargs
+
 
 _with_zo_signature(ZODDPStrategy, DDPStrategy.__init__, keep_var_keyword=True)
+
+
+class ZOModelParallelStrategy(ZOMixin, ModelParallelStrategy):
+    """Zeroth-order training of an FSDP2-sharded model: ``L.Trainer(strategy=
+    ZOModelParallelStrategy(eps=1e-3), devices=N)`` with a ``configure_model`` that applies
+    ``fully_shard`` over ``self.device_mesh["data_parallel"]`` (Lightning's ModelParallel
+    recipe).  Each rank perturbs and updates its own shards (``core.sharding``); the step's one
+    collective averages the projected gradients over the data-parallel ranks.
+
+    Takes every ``ZOConfig`` field and every ``ModelParallelStrategy`` argument as keywords.
+    Tensor parallelism (``tensor_parallel_size > 1``) is not supported: its DTensors are not
+    sharded by rows."""
+
+    strategy_name = "zo_model_parallel"
+
+    def __init__(
+        self, *, ranking_oracle: Callable | None = None, mask_fn: Callable | None = None, **kwargs: Any
+    ) -> None:
+        config, rest = _zo_config(kwargs, allow_rest=True)
+        super().__init__(**rest)
+        self._zo_init(config, ModelParallelStrategy, ranking_oracle=ranking_oracle, mask_fn=mask_fn)
+
+    def setup_environment(self) -> None:
+        # "auto" means FSDP2 over every process here: ZO has no tensor-parallel path
+        if self._tensor_parallel_size == "auto":
+            self._tensor_parallel_size = 1
+        if self._tensor_parallel_size != 1:
+            raise ValueError(
+                f"ZOModelParallelStrategy(tensor_parallel_size={self._tensor_parallel_size}): ZO supports FSDP2's "
+                "row sharding only, not tensor parallelism; use tensor_parallel_size=1."
+            )
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        ModelParallelStrategy.setup_environment(self)
+
+
+_with_zo_signature(ZOModelParallelStrategy, ModelParallelStrategy.__init__, keep_var_keyword=True)
 
 
 _EQUIPPABLE = (SingleDeviceStrategy, DDPStrategy)
@@ -481,7 +538,14 @@ class ZOLightningCallback(Callback):
         if not isinstance(strategy, _EQUIPPABLE):
             raise ValueError(
                 f"ZOLightningCallback works with the single-device and DDP strategies, not "
-                f"{type(strategy).__name__}; use strategy='auto' or 'ddp'."
+                f"{type(strategy).__name__}; use strategy='auto' or 'ddp', or for a sharded model "
+                "strategy=zo_plugins.lightning.ZOModelParallelStrategy() (FSDP2 from configure_model)."
+            )
+        if self.config.perturbation_parallel:
+            raise ValueError(
+                "ZOLightningCallback cannot run perturbation_parallel=True: both ranks of a pair must read the "
+                "same batches, which needs the strategy's sampler arguments. Use "
+                "strategy=zo_plugins.lightning.ZODDPStrategy(perturbation_parallel=True)."
             )
         if stage != "fit" or self._bound:
             return
@@ -517,4 +581,10 @@ StrategyRegistry.register(
 )
 StrategyRegistry.register(
     "zo_ddp", ZODDPStrategy, description="Zeroth-order (MeZO) data-parallel training", override=True
+)
+StrategyRegistry.register(
+    "zo_model_parallel",
+    ZOModelParallelStrategy,
+    description="Zeroth-order (MeZO) training of an FSDP2-sharded model",
+    override=True,
 )
