@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ZOConfig
+from ..quant import QuantizedSet
 from .backend import Passes, passes_for_masks, select_backend
 from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
@@ -127,9 +128,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ranking_oracle must be callable (outputs) -> indices, not {ranking_oracle!r}.")
         if mask_fn is not None and not callable(mask_fn):
             raise ValueError(f"mask_fn must be callable (name, param, step) -> bool tensor, not {mask_fn!r}.")
-        if isinstance(params, nn.Module):
+        from_module = isinstance(params, nn.Module)
+        if from_module:
             model = params
             params = [p for p in params.parameters() if p.requires_grad]
+        # quantized layers (zo_plugins.quant): their scales are tensors with names and carriers
+        self._quantized = QuantizedSet(model, cfg.quantized)
+        if from_module and self._quantized.mode == "scales":
+            params = self._quantized.tensors()
         params = list(params)
         if not params:
             raise ValueError(
@@ -142,9 +148,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.ranking_oracle = ranking_oracle
         self.mask_fn = mask_fn
         self._names, self._frozen_rows = model_names(model)
+        self._names.update(self._quantized.names())
         self._seen: set[int] = set()
         self._specs: list[list[ParamSpec]] = []
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))  # add_param_group builds specs
+        _check_quantized(self.specs(), cfg)
+        self._quantized.prepare(s.param for s in self.specs())
         self._configure()
         self.perturber = Perturber(model, cfg, on_shift=self._record_shift)
         self._plan: StepPlan | None = None
@@ -174,6 +183,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             seen=self._seen,
             has_model=self.model is not None,
         )
+        for spec in specs:
+            spec.carrier = self._quantized.carrier(spec.param)
         self._specs.append(specs)
         if hasattr(self, "perturber"):  # after __init__: a group added during training
             if self._recorder is not None:
@@ -183,6 +194,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                     "trajectory_path."
                 )
             self.restore()
+            _check_quantized(specs, self.config)
+            self._quantized.prepare(s.param for s in specs)
             self._configure()
             self._plan = None
 
@@ -684,6 +697,17 @@ def _qualname(fn: Callable | None) -> str | None:
         return None
     mod = getattr(fn, "__module__", None) or "?"
     return f"{mod}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _check_quantized(specs: Sequence[ParamSpec], config: ZOConfig) -> None:
+    """Refuse what quantized scales cannot serve, before any layer is touched."""
+    scales = [s.name for s in specs if s.carrier is not None]
+    if scales and config.estimator == "forward-grad":
+        raise ValueError(
+            f"estimator='forward-grad' needs forward-mode AD through the quantized kernels that read "
+            f"{scales[0]!r}, which torchao and bitsandbytes do not provide: use estimator='spsa' (or "
+            "another forward-only estimator) to train quantized scales."
+        )
 
 
 def _check_hyper(name: str, value: Any) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -49,6 +50,11 @@ class ParamSpec:
     watch_grad: bool = False
     """The tensor required grad when the optimizer was built: a step where its
     ``requires_grad`` is off leaves it out (no gradient, no update), as backprop would."""
+    carrier: Any = None
+    """A tensor held inside a quantized layer (``zo_plugins.quant.QuantizedScale``): out of
+    place, the modules in ``carrier.modules`` get the perturbed copy through
+    ``carrier.swap(copy)`` (which returns what it replaced) instead of a swap of
+    ``_parameters``."""
 
     @property
     def row_len(self) -> int:
