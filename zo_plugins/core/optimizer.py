@@ -153,7 +153,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._specs: list[list[ParamSpec]] = []
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))  # add_param_group builds specs
         _check_quantized(self.specs(), cfg)
-        self._quantized.prepare(s.param for s in self.specs())
+        self._quantized.prepare()
         self._configure()
         self.perturber = Perturber(model, cfg, on_shift=self._record_shift)
         self._plan: StepPlan | None = None
@@ -195,7 +195,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 )
             self.restore()
             _check_quantized(specs, self.config)
-            self._quantized.prepare(s.param for s in specs)
             self._configure()
             self._plan = None
 

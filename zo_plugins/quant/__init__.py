@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -248,12 +248,12 @@ class QuantizedSet:
     def carrier(self, tensor: torch.Tensor) -> QuantizedScale | None:
         return self._by_id.get(id(tensor))
 
-    def prepare(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Prepare the layers of the scales among ``tensors`` for training (once)."""
-        for t in tensors:
-            s = self._by_id.get(id(t))
-            if s is not None:
-                s.prepare()
+    def prepare(self) -> None:
+        """Put every quantized layer in the state training needs (``QuantizedScale.prepare``):
+        done for the whole model, so training and evaluation compute with the same quantized
+        weights whether the scales or the adapters train."""
+        for s in self.scales:
+            s.prepare()
 
 
 # ---------------------------------------------------------------------------- checkpoints
