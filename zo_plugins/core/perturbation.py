@@ -221,7 +221,12 @@ class OutOfPlace:
 
                 z = direction_tensor(spec, self.terms, self.config, distribution=self.stream)
                 return fwAD.make_dual(spec.param.detach(), z.to(spec.param.dtype))
-            return self.copy(spec, self.terms, distribution=self.stream, chunk_size=self.config.chunk_size)
+            out = self.copy(spec, self.terms, distribution=self.stream, chunk_size=self.config.chunk_size)
+            # the copy carries the parameter's requires_grad (inert under no_grad): PyTorch 2.13's
+            # CPU bf16 matmul of a strided 3-D input (HF's logits_to_keep slice into the tied LM
+            # head) with a weight that does not require grad materialises the weight once per
+            # batch row -- measured +432 MiB for SmolLM2's head at batch 8
+            return out.requires_grad_(spec.param.requires_grad) if out.is_floating_point() else out
         finally:
             self._generating = False
 

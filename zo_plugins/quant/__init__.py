@@ -58,6 +58,7 @@ __all__ = [
     "load_scales_state_dict",
     "frozen_codes",
     "describe",
+    "prepare",
     "register_finder",
     "SUPPORTED",
 ]
@@ -254,6 +255,15 @@ class QuantizedSet:
         weights whether the scales or the adapters train."""
         for s in self.scales:
             s.prepare()
+
+
+def prepare(model: nn.Module) -> None:
+    """Put every quantized layer of ``model`` in the state ZO training keeps it in (what
+    ``ZOOptimizer`` does when it is built): bitsandbytes' CPU inference repacking off, 8-bit
+    state settled.  Call it before evaluating a model you will then train, so the evaluation
+    computes with the same quantized weights as training (and does not repack them)."""
+    for s in quantized_scales(model):
+        s.prepare()
 
 
 # ---------------------------------------------------------------------------- checkpoints
