@@ -187,3 +187,78 @@ def install_comm_counters() -> dict:
 
     torch.nn.parallel.DistributedDataParallel.__init__ = init
     return counters
+
+
+# ---------------------------------------------------------------------------- quantized models
+QUANT_BACKENDS = ("torchao-int8", "bnb-nf4", "bnb-fp4-double", "bnb-int8")
+"""Tiny quantized Llamas: torchao Int8WeightOnlyConfig and bitsandbytes NF4, FP4 with double
+quantization, and int8, each loaded through transformers' ``quantization_config``."""
+_TINY_DIR: dict[str, str] = {}
+
+
+def quant_available(backend: str) -> bool:
+    import importlib.util
+
+    return (
+        importlib.util.find_spec("torchao" if backend.startswith("torchao") else "bitsandbytes") is not None
+    )
+
+
+def tiny_llama_dir() -> str:
+    """A tiny Llama saved once per process (what ``from_pretrained`` quantizes)."""
+    if "llama" not in _TINY_DIR:
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="zo-tiny-llama-")
+        tiny_hf_model("llama").save_pretrained(d)
+        _TINY_DIR["llama"] = d
+    return _TINY_DIR["llama"]
+
+
+def quantization_config(backend: str):
+    import transformers as tf
+
+    if backend == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        return tf.TorchAoConfig(Int8WeightOnlyConfig())
+    fp32 = {"bnb_4bit_compute_dtype": torch.float32}
+    return {
+        "bnb-nf4": lambda: tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", **fp32),
+        "bnb-fp4-double": lambda: tf.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True, **fp32
+        ),
+        "bnb-int8": lambda: tf.BitsAndBytesConfig(load_in_8bit=True),
+    }[backend]()
+
+
+def tiny_quantized_llama(backend: str) -> nn.Module:
+    """A fresh tiny Llama (the same weights every call) quantized by ``backend``, in train mode."""
+    import logging
+    import warnings
+
+    import transformers as tf
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    kw = {} if backend.startswith("torchao") else {"device_map": "cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tf.LlamaForCausalLM.from_pretrained(
+            tiny_llama_dir(), quantization_config=quantization_config(backend), **kw
+        )
+    return model.train()
+
+
+def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything training scales must leave bit-identical: every parameter and buffer and the
+    integer codes of every quantized layer."""
+    from zo_plugins.quant import frozen_codes
+
+    out = {  # torchao weights are covered by their codes (qdata) and trained scales
+        f"param:{n}": p.detach().clone()
+        for n, p in model.named_parameters()
+        if not type(p).__module__.startswith("torchao")
+    }
+    out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
+    out.update(frozen_codes(model))
+    return out

@@ -17,6 +17,7 @@ __all__ = [
     "SPARSITY_MODES",
     "BLOCK_WISE",
     "GAUSSIAN_STREAMS",
+    "QUANTIZED_MODES",
 ]
 
 DROPOUT_MODES = ("same-masks", "eval")
@@ -27,6 +28,7 @@ GAUSSIAN_STREAMS = ("auto", "philox", "native")
 SCHEDULES = ("auto", "per-forward", "one-visit")
 OFFLOAD_MODES = ("cpu", "disk")
 DIRECTIONS = (*DISTRIBUTIONS, "sphere")
+QUANTIZED_MODES = ("auto", "scales", "adapters", "none")  # zo_plugins.quant.QUANTIZED_MODES
 
 
 def _help(default: Any, text: str) -> Any:
@@ -180,6 +182,15 @@ class ZOConfig:
         "clipping), guarding against exploding estimates; None disables. Clipped steps are "
         "counted (ZOOptimizer.clipped_steps, logged as zo_clipped_steps).",
     )
+    quantized: str = _help(
+        "auto",
+        "What trains on a quantized model (torchao weight-only tensors, bitsandbytes 4-bit / 8-bit "
+        "layers; docs/quantized.md). 'scales': the continuous quantization scales (and floating zero "
+        "points) of every quantized layer, QZO-style; the integer codes never change. 'adapters': the "
+        "PEFT adapters only (a ZO QLoRA). 'auto': 'adapters' when the model carries PEFT adapters, "
+        "'scales' when it is quantized and has none, otherwise the tensors that require grad. 'none': "
+        "the tensors that require grad, quantization ignored.",
+    )
     trajectory_path: str | None = _help(
         None,
         "Write the run's trajectory (per step: seed, projected gradient, lr, weight decay) to "
@@ -296,6 +307,7 @@ class ZOConfig:
                     f"ZOConfig.offload_dir={self.offload_dir!r} is invalid: use a folder path or None."
                 )
             self.offload_dir = os.fspath(self.offload_dir)
+        _check_choice("quantized", self.quantized, QUANTIZED_MODES)
         if self.gaussian_stream == "native" and self.backend == "triton":
             raise ValueError(
                 "gaussian_stream='native' is the PyTorch generator's stream, which the Triton "

@@ -98,7 +98,51 @@ def snapshot(model, opt) -> dict:
     }
 
 
-if MODE == "methods":  # one launch, every method; counters are per method
+def run_quantized(backend: str):
+    """DDP over a tiny quantized Llama, ZO training its scales (zo_plugins.quant)."""
+    from zo_testing import tiny_llama_dir, tiny_quantized_llama
+
+    from zo_plugins import ZOOptimizer
+    from zo_plugins.quant import describe
+
+    tiny_llama_dir()  # save_pretrained writes on rank 0 only once a process group exists
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    model = tiny_quantized_llama(backend)
+    # torchao's Int8Tensor has no aten.view, which DDP's initial broadcast of every parameter
+    # needs; every rank loaded the same checkpoint, so skip that broadcast (init_sync=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, init_sync=not backend.startswith("torchao"))
+    rms = next(iter(describe(model).values()))["rms"]
+    opt = ZOOptimizer(model, lr=30 * rms * rms, eps=1e-2 * rms, quantized="scales")
+    data = dataset()
+    rank = dist.get_rank()
+    for step in range(STEPS):
+        rows = data[(2 * step + rank) * 4 : (2 * step + rank + 1) * 4]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        opt.step(lambda: ddp(**batch).loss)
+    return model, opt
+
+
+def quantized_snapshot(model, opt) -> dict:
+    from zo_plugins.quant import frozen_codes, scales_state_dict
+
+    out = snapshot(model, opt)
+    out["params"] = {**scales_state_dict(model), **frozen_codes(model)}
+    return out
+
+
+if MODE == "quantized":  # one launch, every installed back-end
+    from zo_testing import quant_available
+
+    result = {}
+    for backend in ("bnb-nf4", "torchao-int8"):
+        if not quant_available(backend):
+            continue
+        for k in ("scalar_all_reduces", "scalar_numel", "ddp_bucket_all_reduces"):
+            counters[k] = 0
+        counters["local_grads"] = []
+        result[backend] = quantized_snapshot(*run_quantized(backend))
+elif MODE == "methods":  # one launch, every method; counters are per method
     result = {}
     for name, zo in METHODS.items():
         for k in ("scalar_all_reduces", "scalar_numel", "ddp_bucket_all_reduces"):

@@ -128,3 +128,25 @@ def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
 def test_hf_trainer_ranks_agree_with_rank_estimator_and_three_queries(tmp_path):
     ranks = launch(torchrun_cmd("hf", tmp_path, zo='{"estimator": "rank", "n_queries": 3}'), tmp_path)
     check(ranks, grads_per_step=3)
+
+
+def test_quantized_scales_on_two_processes(tmp_path):
+    """DDP over a quantized model (bitsandbytes NF4, torchao int8), ZO training its scales:
+    ranks end bit-identical (scales and codes), one scalar all-reduce per step, and the scales
+    moved while the codes did not."""
+    from zo_testing import quant_available, tiny_quantized_llama
+
+    from zo_plugins.quant import frozen_codes, scales_state_dict
+
+    a, b = launch(torchrun_cmd("quantized", tmp_path), tmp_path)
+    expected = [bk for bk in ("bnb-nf4", "torchao-int8") if quant_available(bk)]
+    if not expected:
+        pytest.skip("neither bitsandbytes nor torchao is installed")
+    assert sorted(a) == sorted(b) == sorted(expected)
+    for backend in expected:
+        check([a[backend], b[backend]])
+        base = tiny_quantized_llama(backend)
+        scales, codes = scales_state_dict(base), frozen_codes(base)
+        got = a[backend]["params"]
+        assert all(not torch.equal(got[n], v) for n, v in scales.items()), backend
+        assert all(torch.equal(got[n], v) for n, v in codes.items()), backend

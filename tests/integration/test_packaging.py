@@ -90,6 +90,7 @@ def test_extras_hold_what_each_entry_point_imports():
     assert {"transformers", "safetensors"} <= extra_packages("hf"), "zo-replay, zo_plugins.checkpoint"
     assert {"trl", "transformers"} <= extra_packages("trl")
     assert {"trl", "datasets", "lightning", "peft", "transformers", "setuptools"} <= extra_packages("dev")
+    assert {"torchao", "bitsandbytes"} <= extra_packages("quant") <= extra_packages("dev")
     project = pyproject()["project"]
     assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
     assert "version" in project["dynamic"] and "version" not in project

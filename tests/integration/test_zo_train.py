@@ -152,6 +152,42 @@ def test_fit_with_lora_adapter(tiny, tmp_path):
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values()), "LoRA B (zero at init) was trained"
 
 
+def test_fit_a_quantized_model_trains_its_scales(tiny, tmp_path):
+    """model.quantization loads the weights 4-bit (bitsandbytes NF4); with no adapter the
+    strategy trains the quantization scales: they ride in the checkpoint's ZO state, they
+    moved, and the 4-bit codes did not."""
+    pytest.importorskip("bitsandbytes")
+    import transformers as tf
+
+    quant = {"method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    cfg = run_config(tiny, tmp_path, quantization={**quant, "bnb_4bit_compute_dtype": "float32"})
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1"])
+    state = torch.load(next((tmp_path / "run").rglob("*.ckpt")), weights_only=False)
+    scales = state["zo_plugins"]["state"]["scales"]
+    assert len(scales) == 14 and all(k.endswith(".weight.absmax") for k in scales)
+    base = tf.AutoModelForCausalLM.from_pretrained(
+        tiny["model"],
+        quantization_config=tf.BitsAndBytesConfig(**quant, bnb_4bit_compute_dtype=torch.float32),
+        device_map="cpu",
+    )
+    base_sd = base.state_dict()
+    for k, v in scales.items():
+        assert not torch.equal(v, base_sd[k.removeprefix("model.")]), k
+        codes = k.removesuffix(".absmax")
+        assert torch.equal(state["state_dict"][codes], base_sd[codes.removeprefix("model.")]), codes
+
+
+def test_quantization_config_errors():
+    from zo_plugins.cli.modules import ConfigError, _quantization_config
+
+    with pytest.raises(ConfigError, match="quantization.method='gptq' is not one of"):
+        _quantization_config({"method": "gptq"})
+    with pytest.raises(ConfigError, match="bnb_4bit_compute_dtype='f8'"):
+        _quantization_config({"method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_compute_dtype": "f8"})
+    with pytest.raises(ConfigError, match="config='Int9Config' is not a torchao"):
+        _quantization_config({"method": "torchao", "config": "Int9Config"})
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_prints_config(recipe, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -118,6 +118,13 @@ class HFTaskModule(pl.LightningModule):
             from ``tokenizer`` or ``model_name_or_path``.
         tokenizer: tokenizer directory or hub id (default: ``model_name_or_path``).
         dtype: weight dtype: ``float32``, ``bfloat16`` or ``float16``.
+        quantization: load the weights quantized, through transformers' ``quantization_config``:
+            ``{"method": "bitsandbytes", "load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}``
+            (any ``BitsAndBytesConfig`` field; dtype fields as strings, e.g.
+            ``bnb_4bit_compute_dtype: float32``) or ``{"method": "torchao", "config":
+            "Int8WeightOnlyConfig"}`` (a ``torchao.quantization`` config class and its keyword
+            arguments).  With no ``peft`` adapter the strategy trains the quantization scales
+            (``ZOConfig.quantized``, docs/quantized.md).
         peft: a PEFT adapter: ``{"method": "lora" | "prefix" | "prompt", **config fields}``
             (e.g. ``{"method": "lora", "r": 8, "lora_alpha": 16}``); only adapter weights train.
         template: prompt with ``{text}`` (and ``{mask}`` for masked LMs).
@@ -142,6 +149,7 @@ class HFTaskModule(pl.LightningModule):
         tokenizer: str | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         peft: dict[str, Any] | None = None,
+        quantization: dict[str, Any] | None = None,
         template: str | None = "{text} It was",
         label_words: list[str] | None = None,
         num_labels: int = 2,
@@ -163,7 +171,17 @@ class HFTaskModule(pl.LightningModule):
         self.task, self.template, self.max_length = task, template, max_length
         self.lr, self.weight_decay, self.lr_schedule = lr, weight_decay, lr_schedule
         self.masked = task == "prompt-classification" and "{mask}" in (template or "")
+        self.quantization = _quantization_config(quantization)
+        if self.quantization is not None and model_config is not None:
+            raise ConfigError(
+                "quantization needs real weights loaded from model_name_or_path; it cannot be combined with "
+                "model_config (random weights)."
+            )
         self.tokenizer, self.model = self._load(model_name_or_path, model_config, tokenizer, DTYPES[dtype])
+        if self.quantization is not None:
+            # bitsandbytes' 4-bit state_dict holds quant-state keys its modules do not load back
+            # ("Unexpected key(s) ... weight.absmax"); the ZO checkpoint state restores the scales
+            self.strict_loading = False
         self.label_ids: list[int] = []
         if task == "prompt-classification":
             self.label_ids = self._label_token_ids(label_words or [])
@@ -204,6 +222,10 @@ class HFTaskModule(pl.LightningModule):
         kwargs: dict[str, Any] = {}
         if self.task == "sequence-classification":
             kwargs["num_labels"] = self.hparams.num_labels
+        if self.quantization is not None:
+            kwargs["quantization_config"] = self.quantization
+            if type(self.quantization).__name__ == "BitsAndBytesConfig" and not torch.cuda.is_available():
+                kwargs["device_map"] = "cpu"  # bitsandbytes quantizes on the device the map names
         if config is not None:
             cfg = dict(config)
             model_type = cfg.pop("model_type", None)
@@ -333,6 +355,52 @@ class HFTaskModule(pl.LightningModule):
         total = max(1, int(self.trainer.max_steps if self.trainer.max_steps > 0 else 1))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+_QUANT_METHODS = ("bitsandbytes", "torchao")
+
+
+def _quantization_config(spec: dict[str, Any] | None) -> Any:
+    """transformers' ``quantization_config`` for ``HFTaskModule(quantization=...)``."""
+    if spec is None:
+        return None
+    spec = dict(spec)
+    method = spec.pop("method", None)
+    if method not in _QUANT_METHODS:
+        raise ConfigError(f"quantization.method={method!r} is not one of {list(_QUANT_METHODS)}.")
+    tf = _require("transformers")
+    if method == "bitsandbytes":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "quantization.method='bitsandbytes' needs bitsandbytes: pip install 'zo-plugins[quant]'."
+            ) from e
+        for k, v in list(spec.items()):
+            if k.endswith("_dtype") and isinstance(v, str):
+                if v not in DTYPES:
+                    raise ConfigError(f"quantization.{k}={v!r} is not one of {sorted(DTYPES)}.")
+                spec[k] = DTYPES[v]
+        try:
+            return tf.BitsAndBytesConfig(**spec)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"quantization: BitsAndBytesConfig refused {spec}: {e}") from e
+    try:
+        import torchao.quantization as aoq
+    except ImportError as e:
+        raise ImportError(
+            "quantization.method='torchao' needs torchao: pip install 'zo-plugins[quant]'."
+        ) from e
+    name = spec.pop("config", "Int8WeightOnlyConfig")
+    cls = getattr(aoq, str(name), None)
+    if not isinstance(cls, type):
+        raise ConfigError(
+            f"quantization.config={name!r} is not a torchao.quantization config class (e.g. Int8WeightOnlyConfig)."
+        )
+    try:
+        return tf.TorchAoConfig(cls(**spec))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"quantization: {name}({spec}) failed: {e}") from e
 
 
 def _clip(tok: Any, text: str, module: HFTaskModule) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import ZOConfig
+from ..quant import QuantizedSet
 from .backend import TORCH_PASSES, Passes, passes_for_masks, select_backend
 from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
@@ -130,11 +131,16 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"ranking_oracle must be callable (outputs) -> indices, not {ranking_oracle!r}.")
         if mask_fn is not None and not callable(mask_fn):
             raise ValueError(f"mask_fn must be callable (name, param, step) -> bool tensor, not {mask_fn!r}.")
-        if isinstance(params, nn.Module):
+        from_module = isinstance(params, nn.Module)
+        if from_module:
             model = params
         prepare_model(model)  # FSDP2: reshard the groups a forward left gathered; refuse FSDP1
         if isinstance(params, nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
+        # quantized layers (zo_plugins.quant): their scales are tensors with names and carriers
+        self._quantized = QuantizedSet(model, cfg.quantized)
+        if from_module and self._quantized.mode == "scales":
+            params = self._quantized.tensors()
         params = list(params)
         if not params:
             raise ValueError(
@@ -148,9 +154,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.ranking_oracle = ranking_oracle
         self.mask_fn = mask_fn
         self._names, self._frozen_rows = model_names(model)
+        self._names.update(self._quantized.names())
         self._seen: set[int] = set()
         self._specs: list[list[ParamSpec]] = []
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))  # add_param_group builds specs
+        _check_quantized(self.specs(), cfg)
+        self._quantized.prepare()
         self._configure()
         self.perturber = make_perturber(model, cfg, self.specs(), on_shift=self._record_shift)
         self.offload: BlockOffload | None = None
@@ -184,7 +193,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             seen=self._seen,
             has_model=self.model is not None,
         )
-        self._specs.append(localize_specs(specs))
+        specs = localize_specs(specs)
+        for spec in specs:
+            spec.carrier = self._quantized.carrier(spec.param)
+        self._specs.append(specs)
         if hasattr(self, "perturber"):  # after __init__: a group added during training
             if self._recorder is not None:
                 raise ValueError(
@@ -193,6 +205,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     "trajectory_path."
                 )
             self.restore()
+            _check_quantized(specs, self.config)
             self._configure()
             self._plan = None
 
@@ -238,6 +251,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"schedule='one-visit' perturbs out of place; {inplace[0]!r} is set to be perturbed in place "
                 "(perturbation='in-place'): use perturbation='auto' or 'out-of-place'."
+            )
+        if self._quantized.scales:
+            raise ValueError(
+                f"schedule='one-visit'{' / offload' if cfg.offload else ''} cannot run a quantized model "
+                f"({len(self._quantized.scales)} quantized layers, e.g. {self._quantized.scales[0].name!r}): "
+                "the quantized layers' own tensor types are not streamed. Use schedule='per-forward' (the "
+                "default without offload) -- a 4-bit model is already a fraction of its float size."
             )
         if any(s.source is not None for s in self.specs()):
             raise ValueError(
@@ -826,6 +846,17 @@ def _qualname(fn: Callable | None) -> str | None:
         return None
     mod = getattr(fn, "__module__", None) or "?"
     return f"{mod}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _check_quantized(specs: Sequence[ParamSpec], config: ZOConfig) -> None:
+    """Refuse what quantized scales cannot serve, before any layer is touched."""
+    scales = [s.name for s in specs if s.carrier is not None]
+    if scales and config.estimator == "forward-grad":
+        raise ValueError(
+            f"estimator='forward-grad' needs forward-mode AD through the quantized kernels that read "
+            f"{scales[0]!r}, which torchao and bitsandbytes do not provide: use estimator='spsa' (or "
+            "another forward-only estimator) to train quantized scales."
+        )
 
 
 def _check_hyper(name: str, value: Any) -> None:

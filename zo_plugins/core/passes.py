@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -59,6 +60,11 @@ class ParamSpec:
     source: torch.Tensor | None = None
     """The parameter object ``param`` is the local shard of (a ``DTensor``): the optimizer's
     state is keyed by it."""
+    carrier: Any = None
+    """A tensor held inside a quantized layer (``zo_plugins.quant.QuantizedScale``): out of
+    place, the modules in ``carrier.modules`` get the perturbed copy through
+    ``carrier.swap(copy)`` (which returns what it replaced) instead of a swap of
+    ``_parameters``."""
 
     @property
     def row_len(self) -> int:

@@ -201,6 +201,10 @@ class OutOfPlace:
             for attr, p in mod._parameters.items():
                 if p is not None and id(p) in by_id:
                     self.owners.setdefault(mod, []).append((attr, by_id[id(p)]))
+        for spec in specs:  # scales inside quantized layers (zo_plugins.quant): the carrier swaps them
+            if spec.carrier is not None:
+                for mod in spec.carrier.modules:
+                    self.owners.setdefault(mod, []).append((spec.carrier, spec))
         self.specs = list(specs)
         self.eager = {i for i in (eager or set()) if i in by_id}
         self.watch = watch
@@ -223,7 +227,12 @@ class OutOfPlace:
 
                 z = direction_tensor(spec, self.terms, self.config, distribution=self.stream)
                 return fwAD.make_dual(spec.param.detach(), z.to(spec.param.dtype))
-            return self.copy(spec, self.terms, distribution=self.stream, chunk_size=self.config.chunk_size)
+            out = self.copy(spec, self.terms, distribution=self.stream, chunk_size=self.config.chunk_size)
+            # the copy carries the parameter's requires_grad (inert under no_grad): PyTorch 2.13's
+            # CPU bf16 matmul of a strided 3-D input (HF's logits_to_keep slice into the tied LM
+            # head) with a weight that does not require grad materialises the weight once per
+            # batch row -- measured +432 MiB for SmolLM2's head at batch 8
+            return out.requires_grad_(spec.param.requires_grad) if out.is_floating_point() else out
         finally:
             self._generating = False
 
@@ -233,22 +242,21 @@ class OutOfPlace:
         if d:
             return
         saved = []
+        self.saved[mod] = saved
         for attr, spec in self.owners[mod]:
             if id(spec.param) in self.eager:
                 continue
-            saved.append((attr, mod._parameters[attr]))
             late = self._late.get(id(spec.param))  # already made for a use outside this module
-            mod._parameters[attr] = late if late is not None else self._perturbed(spec)
+            saved.append((attr, _swap(mod, attr, late if late is not None else self._perturbed(spec))))
             self.visited.add(id(spec.param))
-        self.saved[mod] = saved
 
     def _post(self, mod: nn.Module, args: Any, output: Any) -> None:
         if not self.depth.get(mod):  # an earlier pre-hook raised before ours ran: nothing to undo
             return
         self.depth[mod] -= 1
         if self.depth[mod] == 0:
-            for attr, p in self.saved.pop(mod, []):
-                mod._parameters[attr] = p
+            for attr, p in reversed(self.saved.pop(mod, [])):
+                _swap(mod, attr, p)
 
     def substitute(self, t: Any) -> Any:
         """The perturbed copy for an original trainable tensor met outside its module."""
@@ -272,8 +280,7 @@ class OutOfPlace:
                 if id(spec.param) in self.eager:
                     if id(spec.param) not in copies:
                         copies[id(spec.param)] = self._perturbed(spec)
-                    self._eager_saved.append((mod, attr, mod._parameters[attr]))
-                    mod._parameters[attr] = copies[id(spec.param)]
+                    self._eager_saved.append((mod, attr, _swap(mod, attr, copies[id(spec.param)])))
                     self.visited.add(id(spec.param))
         if self.watch:
             self._mode = _Substitute(self)
@@ -287,11 +294,11 @@ class OutOfPlace:
         for h in self.handles:
             h.remove()
         for mod, saved in self.saved.items():  # a forward that raised before its post-hook
-            for attr, p in saved:
-                mod._parameters[attr] = p
+            for attr, p in reversed(saved):
+                _swap(mod, attr, p)
         self.saved.clear()
-        for mod, attr, p in self._eager_saved:
-            mod._parameters[attr] = p
+        for mod, attr, p in reversed(self._eager_saved):
+            _swap(mod, attr, p)
         self._eager_saved.clear()
         self._late.clear()
         if exc_type is None:
@@ -303,6 +310,16 @@ class OutOfPlace:
                     "parameters. Freeze them (requires_grad=False) so they are not trained, or use "
                     "perturbation='in-place' with float32 weights."
                 )
+
+
+def _swap(mod: nn.Module, attr: Any, value: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` where ``mod`` reads the tensor and return what was there: the entry
+    ``attr`` of ``mod._parameters``, or a quantized layer's scale through its carrier."""
+    if isinstance(attr, str):
+        prev = mod._parameters[attr]
+        mod._parameters[attr] = value
+        return prev
+    return attr.swap(value)
 
 
 class _Substitute(torch.overrides.TorchFunctionMode):

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant import quantized_scales
 from .noise import STREAM_VERSION
 from .optimizer import ZOOptimizer
 from .rounding import HALF_DTYPES
@@ -31,7 +32,8 @@ def replay(
     """Apply the steps recorded in trajectory ``log`` to ``model`` in place and return it.
 
     ``model`` must hold the run's starting weights (checked against the log's hash) and the
-    same trainable parameter names.  No forward pass runs: each step repeats the recorded
+    same trainable parameter names (for a run that trained quantization scales: the same
+    quantized model, freshly loaded).  No forward pass runs: each step repeats the recorded
     in-place perturbation passes (so their rounding matches) and the update, which makes the
     result bit-identical to the trained weights on the same backend and dtype.  When the log
     is complete (the run closed it), the replayed weights are checked against the hash of the
@@ -46,6 +48,7 @@ def replay(
     trajectory = read_log(log)
     header, records = trajectory.header, trajectory.records
     named = dict(model.named_parameters())
+    named.update({q.name: q.tensor for q in quantized_scales(model)})  # a quantized model's scales
     stream_version = header.get("stream_version", 1)
     if stream_version == 1 and STREAM_VERSION == 2 and not _rounds_half_precision(header, named):
         stream_version = STREAM_VERSION  # streams 1 and 2 differ only in half-precision stochastic rounding

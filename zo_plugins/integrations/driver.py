@@ -6,7 +6,9 @@ the same whatever the loop, and lives here once:
 * **the optimizer**: a ``ZOOptimizer`` over the trainable tensors of the framework's own
   optimizer, with its param groups (so the framework's scheduler and its decay / no-decay
   split apply); groups the framework adds later (``add_param_group``, Lightning's fine-tuning
-  callbacks) join at the next step, ``lr`` / ``weight_decay`` are copied before every update;
+  callbacks) join at the next step, ``lr`` / ``weight_decay`` are copied before every update.
+  On a quantized model with ``quantized='scales'`` it trains the quantization scales instead
+  (``zo_plugins.quant``), with the lr / weight decay of the framework's first group;
 * **micro-batches**: ``micro_batch(closure, step)`` runs the estimate and returns the loss as
   ``leaf.clone()``, ``leaf`` a fresh scalar that requires grad; the framework scales it
   (1/GA, token counts, loss scale) and calls ``backward``, and a hook on ``leaf`` receives the
@@ -20,7 +22,8 @@ the same whatever the loop, and lives here once:
   never goes back to the framework with perturbed weights, and the update pass holds Ctrl-C
   until it has finished; ``abort()`` drops a half-accumulated step;
 * **checkpoints**: ``state_dict()`` / ``load_state_dict()`` carry the optimizer's whole state
-  (momentum buffers, Adam moments, stateless-momentum history, counters, step).
+  (momentum buffers, Adam moments, stateless-momentum history, counters, step) and, when it
+  trains a quantized model's scales, the scales themselves.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import nn
 from ..config import ZOConfig
 from ..core.estimators import ZOEstimate
 from ..core.optimizer import ZOOptimizer
+from ..quant import quantized_scales, resolve_quantized
 
 __all__ = ["ZODriver", "STATE_VERSION"]
 
@@ -61,6 +65,8 @@ class ZODriver:
         self.ranking_oracle = ranking_oracle
         self.mask_fn = mask_fn
         self.optimizer: ZOOptimizer | None = None
+        self.trains_scales = False
+        """The optimizer trains a quantized model's scales, not the framework's tensors."""
         self.loss_scale: Callable[[], float | None] = lambda: None
         self.last_calls = 0
         self._framework_index: list[int] = []  # framework group index of each of our groups
@@ -69,8 +75,24 @@ class ZODriver:
 
     # ------------------------------------------------------------------ setup
     def build(self, framework_optimizer: Any, model: nn.Module) -> ZOOptimizer:
-        """A ZOOptimizer over ``framework_optimizer``'s trainable tensors (its groups, lr, wd)."""
-        groups = self._new_groups(framework_optimizer, start=0)
+        """A ZOOptimizer over ``framework_optimizer``'s trainable tensors (its groups, lr, wd),
+        or, when ``ZOConfig.quantized`` resolves to 'scales', over the model's quantization
+        scales with the lr / weight decay of the framework's first group."""
+        self.trains_scales = resolve_quantized(model, self.config.quantized) == "scales"
+        if self.trains_scales:
+            first = _inner(framework_optimizer).param_groups[0]
+            scales = [s.tensor for s in quantized_scales(model)]
+            groups = [
+                (0, {"params": scales, "lr": first["lr"], "weight_decay": first.get("weight_decay", 0.0)})
+            ]
+            logger.info(
+                "%s: training the %d quantization scale tensors of the quantized model (quantized='scales'); "
+                "the tensors its optimizer holds stay frozen.",
+                self.owner,
+                len(scales),
+            )
+        else:
+            groups = self._new_groups(framework_optimizer, start=0)
         if not groups:
             raise ValueError(
                 f"{self.owner}: the optimizer holds no trainable parameters (requires_grad=True); "
@@ -90,6 +112,8 @@ class ZODriver:
         return self.optimizer
 
     def _new_groups(self, framework_optimizer: Any, start: int) -> list[tuple[int, dict[str, Any]]]:
+        if self.trains_scales:
+            return []  # the trainable set is the scales; the framework's tensors stay frozen
         mine = {id(p) for g in (self.optimizer.param_groups if self.optimizer else []) for p in g["params"]}
         out = []
         for i, g in enumerate(_inner(framework_optimizer).param_groups[start:], start=start):
@@ -206,7 +230,14 @@ class ZODriver:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "optimizer": self._require().state_dict()}
+        opt = self._require()
+        state: dict[str, Any] = {"version": STATE_VERSION, "optimizer": opt.state_dict()}
+        if self.trains_scales:
+            # a framework's checkpoint need not restore a quantized layer's state (the Trainer's
+            # resume drops bitsandbytes' absmax as "unexpected keys"), so the trained scales --
+            # small: one per row or per block of 64 weights -- ride with the ZO state
+            state["scales"] = {s.name: s.param.detach() for s in opt.specs()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION or "optimizer" not in state:
@@ -214,7 +245,26 @@ class ZODriver:
                 f"{self.owner}: the checkpoint's ZO state is not one this version reads "
                 f"(expected version {STATE_VERSION}, got {state.get('version') if isinstance(state, dict) else state!r})."
             )
-        self._require().load_state_dict(state["optimizer"])
+        opt = self._require()
+        scales = state.get("scales")
+        if scales is not None or self.trains_scales:
+            specs = {s.name: s for s in opt.specs()}
+            if scales is None or set(scales) != set(specs):
+                raise ValueError(
+                    f"{self.owner}: the checkpoint's trained quantization scales do not match this run's "
+                    f"(checkpoint: {len(scales or {})} scale tensors, run: {len(specs)} with "
+                    f"quantized={self.config.quantized!r}); resume with the model and ZO settings that wrote it."
+                )
+            bad = [n for n, v in scales.items() if tuple(v.shape) != tuple(specs[n].param.shape)]
+            if bad:
+                raise ValueError(
+                    f"{self.owner}: the checkpoint's scale {bad[0]!r} has another shape than the model's."
+                )
+        opt.load_state_dict(state["optimizer"])
+        if scales is not None:
+            with torch.no_grad():
+                for name, value in scales.items():
+                    specs[name].param.copy_(value)
 
 
 def _inner(optimizer: Any) -> Any:

@@ -27,6 +27,7 @@ itself and runs the real forward.  An exception inside the wrapper removes it to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -47,9 +48,17 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     ) from e
 
 from ..config import ZOConfig
+from ..quant import resolve_quantized
 from .driver import ZODriver
 
-__all__ = ["ZOCallback", "ZOTrainer", "ZOTrainerMixin", "zo_trainer", "quarantine_incomplete_checkpoints"]
+__all__ = [
+    "ZOCallback",
+    "ZOTrainer",
+    "ZOTrainerMixin",
+    "zo_trainer",
+    "quarantine_incomplete_checkpoints",
+    "allow_quantized_training",
+]
 
 logger = logging.getLogger("zo_plugins")
 CHECKPOINT_KEY = "zo_plugins"
@@ -427,6 +436,41 @@ def quarantine_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Pat
     return moved
 
 
+@contextlib.contextmanager
+def allow_quantized_training(model: Any, config: ZOConfig):
+    """Let ``Trainer.__init__`` accept ``model`` when ZO trains its quantization scales.
+
+    The stock Trainer refuses a quantized model without adapters in its constructor
+    (transformers 5.24: ``Trainer.__init__`` calls ``trainer_utils.validate_quantization_for_training``,
+    "You cannot perform fine-tuning on purely quantized models"), before any callback runs, because
+    backprop cannot update integer weights.  ZO with ``quantized='scales'`` never back-propagates
+    and updates only the continuous scales, so for the duration of the constructor that one check
+    is skipped for this model (every other model, and every other check, is unchanged).  Used by
+    ``ZOTrainer`` and ``zo_trainer(cls)``."""
+    if model is None or not isinstance(model, nn.Module) or getattr(model, "hf_quantizer", None) is None:
+        yield
+        return
+    if resolve_quantized(model, config.quantized) != "scales":
+        yield
+        return
+    import transformers.trainer as trainer_module
+
+    original = getattr(trainer_module, "validate_quantization_for_training", None)
+    if original is None:  # another transformers layout: its own check decides
+        yield
+        return
+
+    def validate(m: Any) -> None:
+        if m is not model:
+            original(m)
+
+    trainer_module.validate_quantization_for_training = validate
+    try:
+        yield
+    finally:
+        trainer_module.validate_quantization_for_training = original
+
+
 class ZOTrainerMixin:
     """Mixin for a ``transformers.Trainer`` (sub)class: ZO wraps ``compute_loss`` instead of
     the model's forward, which serves ``label_smoothing_factor``, ``compute_loss_func``, a
@@ -438,9 +482,10 @@ class ZOTrainerMixin:
                 return cb
         raise RuntimeError("ZOTrainerMixin: no ZOCallback among the Trainer's callbacks.")
 
-    def _zo_init(self, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _zo_init(self, args: tuple, kwargs: dict[str, Any]) -> contextlib.AbstractContextManager:
         """Shared constructor logic: ``zo_config=`` (a ZOConfig or dict) or a ZOCallback in
-        ``callbacks``; the callback is switched to compute_loss mode."""
+        ``callbacks``; the callback is switched to compute_loss mode.  Returns the context the
+        Trainer's ``__init__`` runs in (``allow_quantized_training``)."""
         zo_config = kwargs.pop("zo_config", None)
         cfg = zo_config.to_dict() if isinstance(zo_config, ZOConfig) else dict(zo_config or {})
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -452,6 +497,7 @@ class ZOTrainerMixin:
             raise ValueError("Pass ZO settings either as zo_config or through the ZOCallback, not both.")
         zo._wrap_forward = False
         kwargs["callbacks"] = callbacks
+        return allow_quantized_training(kwargs.get("model", args[0] if args else None), zo.config)
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()  # type: ignore[misc]
@@ -496,8 +542,8 @@ class ZOTrainer(ZOTrainerMixin, Trainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._zo_init(args, kwargs)
-        super().__init__(*args, **kwargs)
+        with self._zo_init(args, kwargs):
+            super().__init__(*args, **kwargs)
 
 
 _ZO_CLASSES: dict[type, type] = {}
@@ -514,8 +560,8 @@ def zo_trainer(trainer_class: type) -> type:
     if trainer_class not in _ZO_CLASSES:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self._zo_init(args, kwargs)
-            trainer_class.__init__(self, *args, **kwargs)
+            with self._zo_init(args, kwargs):
+                trainer_class.__init__(self, *args, **kwargs)
 
         _ZO_CLASSES[trainer_class] = type(
             f"ZO{trainer_class.__name__}",

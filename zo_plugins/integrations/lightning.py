@@ -313,7 +313,18 @@ class ZOMixin:
         self._zo_base.save_checkpoint(self, checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = self._zo_base.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+        try:
+            checkpoint = self._zo_base.load_checkpoint(self, checkpoint_path, weights_only=weights_only)
+        except RuntimeError as e:
+            if "map_location" not in str(e):
+                raise
+            # torchao's tensor subclasses (a quantized model's weights) cannot be rebuilt under
+            # Lightning's default callable map_location: load onto the strategy's device instead
+            checkpoint = self.checkpoint_io.load_checkpoint(  # type: ignore[attr-defined]
+                checkpoint_path,
+                map_location=self.root_device,  # type: ignore[attr-defined]
+                weights_only=weights_only,
+            )
         self._zo_loaded = checkpoint.get(ZO_CHECKPOINT_KEY)
         if self._zo_loaded is not None and self._zo_loaded.get("rng_cpu") is not None:
             # continue the saved RNG stream from here, before the loop draws from it again

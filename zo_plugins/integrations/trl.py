@@ -36,8 +36,8 @@ class ZOSFTTrainer(ZOTrainerMixin, SFTTrainer):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._zo_init(args, kwargs)
-        super().__init__(*args, **kwargs)
+        with self._zo_init(args, kwargs):
+            super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counting = model.training and hasattr(self, "_total_train_tokens")
