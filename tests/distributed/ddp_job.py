@@ -24,6 +24,8 @@ METHODS = {  # mode "methods": every estimator's collective, one launch
     "rank-3": {"estimator": "rank", "n_queries": 3},
     "adam": {"optimizer": "zo-adam"},
     "conservative": {"optimizer": "zo-sgd-conservative", "lr": 0.1},  # large: some steps get worse
+    "fzoo-3": {"estimator": "fzoo", "n_queries": 3},
+    "hizoo": {"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.1},
 }
 
 counters = install_comm_counters()
