@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from zo_testing import assert_bit_identical, params_snapshot, tiny_batch, tiny_hf_model
 
-from zo_plugins import ZOCallback, ZOOptimizer
+from zo_plugins import ZOCallback, ZOOptimizer, replay
 from zo_plugins.core.optimizer import materialize_direction
 
 N, LR, EPS = 4, 1e-2, 1e-4
@@ -175,3 +175,18 @@ def test_fzoo_refuses_what_it_cannot_serve_before_any_weight_changes():
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         opt.step(lambda copies=None: closure() if copies is None else closure(copies).mean())
     assert_bit_identical(before, params_snapshot(model))
+
+
+@pytest.mark.parametrize(
+    "kw", [{"perturbation": "in-place"}, {"perturbation": "out-of-place"}, {"batched_copies": True}]
+)
+def test_fzoo_run_replays_from_its_trajectory_bit_exactly(tmp_path, kw):
+    model, closure = quadratic_mlp()
+    log = tmp_path / "fzoo.zot"
+    opt = ZOOptimizer(model, lr=LR, eps=EPS, estimator="fzoo", n_queries=N, trajectory_path=str(log), **kw)
+    for _ in range(3):
+        opt.step(closure)
+    opt.close()
+    fresh, _ = quadratic_mlp()
+    replay(fresh, log)
+    assert_bit_identical(params_snapshot(model), params_snapshot(fresh))
