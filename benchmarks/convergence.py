@@ -51,16 +51,31 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     "conservative": ({"optimizer": "zo-sgd-conservative"}, 1.0),
     "zo-adam": ({"optimizer": "zo-adam"}, 0.3),
     "sparse-random-0.5": ({"sparsity": 0.5, "sparsity_mode": "random"}, 1.0),
-    "sparse-magnitude-0.5": ({"sparsity": 0.5, "sparsity_mode": "magnitude"}, 1.0),
-    "sparse-magnitude-0.75": ({"sparsity": 0.75, "sparsity_mode": "magnitude"}, 1.0),
+    # the variants measured before issue 14: the threshold re-estimated every step
+    "sparse-magnitude-0.5": ({"sparsity": 0.5, "sparsity_mode": "magnitude", "sparsity_threshold": "per-step"}, 1.0),
+    "sparse-magnitude-0.75": ({"sparsity": 0.75, "sparsity_mode": "magnitude", "sparsity_threshold": "per-step"}, 1.0),
+    # Sparse MeZO as its paper defines it: per-tensor thresholds from the pretrained weights, kept
+    "sparse-mezo": ({"sparsity": 0.75, "sparsity_mode": "magnitude", "sparsity_threshold": "initial"}, 1.0),
+    # FZOO: N = 8 one-sided Rademacher probes + the unperturbed loss, normalised by their spread
+    "fzoo": ({"estimator": "fzoo", "n_queries": 8, "distribution": "rademacher"}, 1.0),
+    "fzoo-batched": ({"estimator": "fzoo", "n_queries": 8, "distribution": "rademacher", "batched_copies": True}, 1.0),
+    "fzoo-q4-batched": ({"estimator": "fzoo", "n_queries": 4, "distribution": "rademacher", "batched_copies": True}, 1.0),
+    # HiZOO: diagonal Hessian preconditioner, one extra forward (and 4 bytes per trainable parameter)
+    "hizoo": ({"estimator": "hizoo", "optimizer": "hizoo"}, 1.0),
+    "hizoo-a0.01": ({"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 1e-2}, 1.0),
+    "hizoo-code": ({"estimator": "hizoo", "optimizer": "hizoo", "hessian_estimate": "code"}, 1.0),
 }
 
 
 def forwards_per_step(cfg: dict) -> int:
-    q = cfg.get("n_queries", 1)
-    est = cfg.get("estimator", "spsa")
-    extra = 1 if cfg.get("optimizer") == "zo-sgd-conservative" else 0
-    return {"spsa": 2 * q, "forward": q + 1, "rank": q, "forward-grad": q}[est] + extra
+    """Forward passes per step (per example of the batch: a batched FZOO pass over N + 1 copies
+    counts N + 1), from the estimator registry; the conservative rule's probe adds one."""
+    from zo_plugins import ZOConfig
+    from zo_plugins.core.registry import get_estimator
+
+    c = ZOConfig(**cfg)
+    extra = 1 if c.optimizer == "zo-sgd-conservative" else 0
+    return get_estimator(c.estimator).forwards_per_step(c) + extra
 
 
 def load_example():
@@ -174,8 +189,16 @@ class FinalNormTask:
 
     def closure(self, idx):
         h, y = self.h_tr[idx], self.y_tr[idx]
-        # the demo's loss: cross-entropy over the two label words' logits
-        return lambda: torch.nn.functional.cross_entropy(self.head(h, self.rows).float(), y)
+
+        def loss(copies=None):
+            """The demo's loss: cross-entropy over the two label words' logits; with ``copies``
+            (FZOO's batched probes) the batch repeated that many times, one loss per copy."""
+            if copies is None:
+                return torch.nn.functional.cross_entropy(self.head(h, self.rows).float(), y)
+            logits = self.head(h.repeat(copies, 1), self.rows).float()
+            return torch.nn.functional.cross_entropy(logits, y.repeat(copies), reduction="none").view(copies, -1).mean(1)
+
+        return loss
 
     @contextlib.contextmanager
     def whole_model(self):
@@ -198,18 +221,32 @@ def run_variant_cached(name, args, task, seed, sweep: float = 1.0) -> dict:
     steps = args.budget // per_step
     every = max(1, args.budget // args.checkpoints)
     order = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(seed))
-    curve = [{"forwards": 0, **task.evaluate()}]
+    curve = [{"forwards": 0, "train_s": 0.0, **task.evaluate()}]
     grads: list[float] = []
-    t0, used, next_eval = time.perf_counter(), 0, every
+    curvs: list[float] = []
+    # checkpoints every budget/checkpoints forwards, or at the forward counts of --eval-at
+    marks = sorted(args.eval_at) if args.eval_at else None
+    t0, used, next_eval = time.perf_counter(), 0, (marks.pop(0) if marks else every)
+    train_s = 0.0  # the optimizer steps' wall-clock (batch assembly included), evaluations excluded
     for step in range(steps):
+        t_step = time.perf_counter()
         idx = order[torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(order)]
         opt.step(task.closure(idx))
+        train_s += time.perf_counter() - t_step
         pg = opt.last_step.projected_grads  # per direction (ZO-RankSGD's coefficients sum to 0)
+        if cfg.get("estimator") == "hizoo" and pg:  # gradients, then curvatures ΔL/2ε²
+            curvs.append(sum(abs(c) for c in pg[len(pg) // 2 :]) / (len(pg) // 2))
+            pg = pg[: len(pg) // 2]
         grads.append(sum(abs(g) for g in pg) / len(pg) if pg else float("nan"))
         used += per_step
         if used >= next_eval or step == steps - 1:
-            curve.append({"forwards": used, **task.evaluate()})
-            next_eval += every
+            curve.append({"forwards": used, "train_s": train_s, **task.evaluate()})
+            if marks is None:
+                next_eval += every
+            else:
+                while marks and marks[0] <= used:
+                    marks.pop(0)
+                next_eval = marks.pop(0) if marks else args.budget
             if args.verbose:
                 print(f"    {name:22s} x{sweep:g} seed {seed} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  "
                       f"loss {curve[-1]['loss']:.4f}", flush=True)
@@ -218,7 +255,9 @@ def run_variant_cached(name, args, task, seed, sweep: float = 1.0) -> dict:
             "train_time_s": time.perf_counter() - t0,
             # the scale of the scalar each direction's z is multiplied by: ZO-SGD's step per coordinate is
             # lr * |g| * |z|, sign's and Adam's are ~lr, so this relates their learning rates
-            "mean_abs_projected_grad": sum(finite) / max(1, len(finite)), "curve": curve}
+            "mean_abs_projected_grad": sum(finite) / max(1, len(finite)),
+            **({"mean_abs_curvature": sum(curvs) / len(curvs)} if curvs else {}),
+            "curve": curve}
 
 
 # ----------------------------------------------------------------------------- top blocks, exact and fast
@@ -368,11 +407,21 @@ class TopBlocksTask:
         batch = state_collate([self.train[int(i)] for i in idx])
         y = (batch["labels"][:, 1] == self.label_ids[1]).long()
         rows = self.model.get_output_embeddings().weight[self.label_ids]
-        # the demo's loss (cross-entropy over the two label words' logits), with the head's two
-        # label rows as one 2-D product: the full-vocabulary head through ``bmm`` would cost more
-        # than the two blocks
-        return lambda: torch.nn.functional.cross_entropy(
-            torch.nn.functional.linear(self.answer_states(batch), rows).float(), y)
+
+        def loss(copies=None):
+            """The demo's loss (cross-entropy over the two label words' logits), with the head's
+            two label rows as one 2-D product: the full-vocabulary head through ``bmm`` would
+            cost more than the two blocks.  With ``copies`` (FZOO's batched probes) the batch
+            repeated that many times along dim 0, one loss per copy."""
+            if copies is None:
+                return torch.nn.functional.cross_entropy(
+                    torch.nn.functional.linear(self.answer_states(batch), rows).float(), y)
+            rep = {k: (v.repeat(copies, *[1] * (v.dim() - 1)) if k in ("inputs_embeds", "attention_mask", "position_ids")
+                       else v) for k, v in batch.items()}
+            logits = torch.nn.functional.linear(self.answer_states(rep), rows).float()
+            return torch.nn.functional.cross_entropy(logits, y.repeat(copies), reduction="none").view(copies, -1).mean(1)
+
+        return loss
 
     @torch.no_grad()
     def evaluate(self):
@@ -405,8 +454,9 @@ def mean_curves(per_seed: list[dict]) -> dict:
         curve = []
         for points in zip(*(r["curve"] for r in runs)):
             c = {"forwards": points[0]["forwards"]}
-            for k in ("accuracy", "loss", "predicted_positive"):
-                c[k] = sum(p[k] for p in points) / len(points)
+            for k in ("accuracy", "loss", "predicted_positive", "train_s"):
+                if all(k in p for p in points):
+                    c[k] = sum(p[k] for p in points) / len(points)
             c["accuracy_min"] = min(p["accuracy"] for p in points)
             c["accuracy_max"] = max(p["accuracy"] for p in points)
             c["n"] = points[0]["n"]
@@ -506,6 +556,104 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def goal_summary(sweep: dict, n_eval: int) -> dict:
+    """Issue 14's question over a learning-rate sweep.  The target is MeZO's best accuracy: its
+    highest seed-mean final accuracy over its learning rates.  For every method, over its
+    learning rates: the forward passes and the training seconds (optimizer steps only,
+    evaluations excluded; seed means) at which its seed-mean accuracy first reaches the target,
+    at its fastest learning rate (fewest passes), against MeZO at its fastest; and the final
+    accuracy of that run.  The goal: <= 1/3 of MeZO's passes, <= 1/2 of its seconds, and a final
+    accuracy no more than one standard error below the target."""
+    by_method: dict[str, dict] = {}
+    for key, r in sweep.items():
+        by_method.setdefault(key.rsplit("@", 1)[0], {})[key] = r
+    if "mezo" not in by_method:
+        return {}
+    final = lambda r: r["curve"][-1]["accuracy"]  # noqa: E731
+    mezo = by_method["mezo"]
+    target_run = max(mezo, key=lambda k: final(mezo[k]))
+    target = final(mezo[target_run])
+    se = (max(target * (1 - target), 1e-12) / n_eval) ** 0.5
+
+    def hit(r):
+        for c in r["curve"]:
+            if c["forwards"] > 0 and c["accuracy"] >= target - 1e-9:
+                return c["forwards"], c.get("train_s")
+        return None
+
+    out = {"target": target, "target_run": target_run, "standard_error": se, "methods": {}}
+    for name, runs in by_method.items():
+        best = max(runs, key=lambda k: final(runs[k]))
+        e = {"forwards_per_step": next(iter(runs.values()))["forwards_per_step"],
+             "best_final_accuracy": final(runs[best]), "best_final_run": best}
+        hits = [(h[0], h[1] if h[1] is not None else float("inf"), k) for k, r in runs.items() if (h := hit(r))]
+        if hits:
+            f, sec, k = min(hits)
+            e.update(forwards=f, seconds=sec, run=k, lr=runs[k]["lr"], final_accuracy=final(runs[k]))
+        out["methods"][name] = e
+    m = out["methods"]["mezo"]
+    for e in out["methods"].values():
+        if "forwards" in e and "forwards" in m:
+            e["forwards_ratio"] = e["forwards"] / m["forwards"]
+            e["seconds_ratio"] = e["seconds"] / m["seconds"] if m["seconds"] else None
+            e["goal_met"] = bool(e["forwards_ratio"] <= 1 / 3 + 1e-9 and e["seconds_ratio"] is not None
+                                 and e["seconds_ratio"] <= 0.5 and e["final_accuracy"] >= target - se)
+    return out
+
+
+def goal_table(goal: dict) -> str:
+    """The docs' table of ``goal_summary``."""
+    if not goal:
+        return ""
+    lines = ["| method | fwd/step | fastest lr | passes to target | x MeZO's | seconds to target | x MeZO's | "
+             "final accuracy (that lr) | best final accuracy (its sweep) | goal met |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, e in goal["methods"].items():
+        if "forwards" in e:
+            ratio_s = "-" if e.get("seconds_ratio") is None else f"{e['seconds_ratio']:.2f}"
+            lines.append(f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
+                         f"{e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | {ratio_s} | "
+                         f"{e['final_accuracy']:.3f} | {e['best_final_accuracy']:.3f} ({e['best_final_run']}) | "
+                         f"{'**yes**' if e['goal_met'] else 'no'} |")
+        else:
+            lines.append(f"| {name} | {e['forwards_per_step']} | - | not reached | - | - | - | - | "
+                         f"{e['best_final_accuracy']:.3f} ({e['best_final_run']}) | no |")
+    lines.append("")
+    lines.append(f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
+                 f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
+                 "seconds to the target, each at its fastest learning rate, with a final accuracy at most one "
+                 "standard error below the target.")
+    return "\n".join(lines)
+
+
+def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "") -> bool:
+    """Accuracy against forward passes and against training seconds, each method at the learning
+    rate of ``goal_table`` (its fastest to the target, else its best final accuracy)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, e) in enumerate(goal["methods"].items()):
+        r = sweep[e.get("run", e["best_final_run"])]
+        style = dict(marker="o", markersize=3, linestyle="-" if i < 10 else "--", label=f"{name} ({e.get('run', e['best_final_run']).rsplit('@', 1)[-1]}x)")
+        accs = [c["accuracy"] for c in r["curve"]]
+        axes[0].plot([c["forwards"] for c in r["curve"]], accs, **style)
+        axes[1].plot([c.get("train_s", float("nan")) for c in r["curve"]], accs, **style)
+    for ax in axes:
+        ax.axhline(goal["target"], color="grey", linewidth=0.8, linestyle=":")
+    axes[0].set(xlabel="forward passes", ylabel="held-out accuracy (seed mean)", title=title)
+    axes[1].set(xlabel="training seconds (evaluations excluded)", ylabel="held-out accuracy (seed mean)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def plot(results: dict, path: pathlib.Path) -> bool:
     try:
         import matplotlib
@@ -531,11 +679,21 @@ def plot(results: dict, path: pathlib.Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--define", nargs="+", default=[], metavar="NAME=JSON",
+                    help='add variants: NAME={"ZOConfig field": value, ...} (lr multiplier 1), e.g. '
+                         '\'hizoo-a0.01={"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.01}\'')
+    pre, _ = ap.parse_known_args()
+    for item in pre.define:
+        name, _, cfg = item.partition("=")
+        VARIANTS[name] = (json.loads(cfg), 1.0)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--trainable", default="final-norm", choices=["lora", "full", "norms", "final-norm"])
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--budget", type=int, default=600, help="forward passes per variant")
     ap.add_argument("--checkpoints", type=int, default=6)
+    ap.add_argument("--eval-at", type=int, nargs="+", default=None, metavar="FORWARDS",
+                    help="--cached: evaluate when the forward count first reaches each of these (instead of "
+                         "every budget/checkpoints); the budget's end is always evaluated")
     ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 (lora), 1e-6 (full), 3e-3 (norms)")
     ap.add_argument("--eps", type=float, default=None, help="default: 1e-2 (lora/norms), 1e-3 (full)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -559,6 +717,10 @@ def main() -> None:
     ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
                     help="--cached: run each variant at these multiples of its lr and report its best")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--time-steps", type=int, default=0, metavar="K",
+                    help="--cached: instead of training, time K optimizer steps of every variant, "
+                         "interleaved round-robin in this process (the machine's load drifts), and write "
+                         "the median step time per variant")
     ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
     ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--plot-dir", type=pathlib.Path, default=ROOT / "docs" / "img")
@@ -585,6 +747,12 @@ def main() -> None:
         png = args.plot_dir / (args.report[0].stem + ".png")
         if plot(report["results"], png):
             print(f"plot: {png}")
+        if merged_sweep:
+            report["goal"] = goal_summary(merged_sweep, report["n_eval"])
+            print("\n" + goal_table(report["goal"]))
+            png = args.plot_dir / (args.report[0].stem + "-goal.png")
+            if report["goal"] and plot_goal(merged_sweep, report["goal"], png, report.get("trainable", "")):
+                print(f"plot: {png}")
         if len(args.report) > 1:
             report["merged_from"] = [str(r) for r in args.report]
         args.report[0].write_text(json.dumps(report, indent=2))  # with the summary recomputed
@@ -672,6 +840,9 @@ def main() -> None:
             if abs(cached_loss - real_loss) > 1e-4 * max(1.0, abs(real_loss)):
                 raise SystemExit(f"cached training loss {cached_loss:.6f} != the real model's {real_loss:.6f}")
             print(f"cached training loss equals the real model's: {cached_loss:.6f} ({real_loss:.6f})", flush=True)
+        if args.time_steps:
+            write_step_times(args, time_steps(args, task, args.variants, args.time_steps))
+            return
         per_seed, checked_trained = [], False
         sweep = args.lr_sweep or [1.0]
         for seed in args.seeds or [args.seed]:
@@ -705,6 +876,47 @@ def main() -> None:
     write_report(args, results, len(data[3]), final=True)
 
 
+def time_steps(args, task, names: list[str], k: int) -> dict:
+    """Median wall-clock of one optimizer step per variant, the variants interleaved round-robin
+    (one warm-up round, then ``k``), each on its own fresh optimizer over the same weights."""
+    from zo_plugins import ZOOptimizer
+
+    task.fresh()
+    module = task.head if isinstance(task, FinalNormTask) else task.model
+    opts = {}
+    for name in names:
+        cfg, mult = VARIANTS[name]
+        opts[name] = ZOOptimizer(module, lr=0.0, eps=args.eps, seed=args.seed, **cfg)  # lr 0: weights stay
+    times: dict[str, list[float]] = {n: [] for n in names}
+    order = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(args.seed))
+    for step in range(k + 1):
+        idx = order[torch.arange(step * args.batch_size, (step + 1) * args.batch_size) % len(order)]
+        for name in names:
+            t = time.perf_counter()
+            opts[name].step(task.closure(idx))
+            if step:
+                times[name].append(time.perf_counter() - t)
+    out = {}
+    for name in names:
+        ts = sorted(times[name])
+        per = forwards_per_step(VARIANTS[name][0])
+        out[name] = {"median_step_s": ts[len(ts) // 2], "forwards_per_step": per,
+                     "median_s_per_forward": ts[len(ts) // 2] / per, "step_s": times[name]}
+        print(f"  {name:22s} {out[name]['median_step_s']:.3f} s/step  {out[name]['median_s_per_forward']:.4f} s/forward",
+              flush=True)
+    return out
+
+
+def write_step_times(args, times: dict) -> None:
+    args.output.mkdir(parents=True, exist_ok=True)
+    out = args.output / f"step-times-{report_tag(args)}.json"
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable,
+                               "top_blocks": top_blocks(args), "batch_size": args.batch_size,
+                               "threads": torch.get_num_threads(), "rounds": args.time_steps,
+                               "variants": times}, indent=1))
+    print(f"wrote {out}")
+
+
 def top_blocks(args) -> int | None:
     return args.top_blocks if args.cached and args.trainable in ("lora", "full") else None
 
@@ -727,6 +939,8 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     """Write the JSON (after every variant, so a long run that is stopped keeps what it did);
     at the end also the table and the plot."""
     summary = summarize(results, n_eval, getattr(args, "sweep_results", None))
+    sweep = getattr(args, "sweep_results", None)
+    goal = goal_summary(sweep, n_eval) if sweep else {}
     report = {"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable, "budget": args.budget,
               "cached": args.cached, "seeds": args.seeds or [args.seed],
               "train_pool": args.train_pool if args.cached else None,
@@ -734,7 +948,7 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
               "lr_sweep": args.lr_sweep if args.cached else None,
               "top_blocks": top_blocks(args), "trainable_params": getattr(args, "trainable_params", None),
               "threads": torch.get_num_threads(), "complete": final, "results": results, "summary": summary,
-              "sweep_results": getattr(args, "sweep_results", None)}
+              "sweep_results": sweep, "goal": goal}
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"convergence-{report_tag(args)}.json"
     out.write_text(json.dumps(report, indent=2))
@@ -752,6 +966,11 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     png = args.plot_dir / f"convergence-{report_tag(args)}.png"
     if plot(results, png):
         print(f"plot: {png}")
+    if goal:
+        print("\n" + goal_table(goal) + "\n")
+        png = args.plot_dir / f"convergence-{report_tag(args)}-goal.png"
+        if plot_goal(sweep, goal, png, report_tag(args)):
+            print(f"plot: {png}")
     print(f"wrote {out}")
 
 if __name__ == "__main__":

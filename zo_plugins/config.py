@@ -15,6 +15,8 @@ __all__ = [
     "DROPOUT_MODES",
     "PERTURBATION_MODES",
     "SPARSITY_MODES",
+    "SPARSITY_THRESHOLDS",
+    "HESSIAN_ESTIMATES",
     "BLOCK_WISE",
     "GAUSSIAN_STREAMS",
     "QUANTIZED_MODES",
@@ -23,6 +25,8 @@ __all__ = [
 DROPOUT_MODES = ("same-masks", "eval")
 PERTURBATION_MODES = ("auto", "in-place", "out-of-place")
 SPARSITY_MODES = ("magnitude", "random")
+SPARSITY_THRESHOLDS = ("initial", "per-step")
+HESSIAN_ESTIMATES = ("paper", "code")
 BLOCK_WISE = ("cycle", "random")
 GAUSSIAN_STREAMS = ("auto", "philox", "native")
 SCHEDULES = ("auto", "per-forward", "one-visit")
@@ -74,7 +78,11 @@ class ZOConfig:
         "forward-mode AD (torch.func / dual numbers): one pass per direction, measured at ~5x the "
         "time and ~2.3x the peak memory growth of a plain forward on SmolLM2-135M (CPU). "
         "'cge': coordinate-wise estimation (DeepZero) of cge_coordinates random coordinates "
-        "per step. 'rank': ZO-RankSGD, only a ranking of n_queries candidates θ+εz_j is used.",
+        "per step. 'rank': ZO-RankSGD, only a ranking of n_queries candidates θ+εz_j is used. "
+        "'fzoo': FZOO, n_queries >= 2 one-sided probes L(θ+εz_i) and the unperturbed L(θ) "
+        "(n_queries + 1 forwards, or one batched pass with batched_copies), the step divided "
+        "by the spread of the probed losses; the paper uses N = 8 Rademacher directions. "
+        "'hizoo': HiZOO's probes L(θ), L(θ ± ε H^-1/2 z) (3 forwards) for optimizer='hizoo'.",
     )
     optimizer: str = _help(
         "zo-sgd",
@@ -84,7 +92,10 @@ class ZOConfig:
         "(θ -= lr (sign(d) + wd θ), the element-wise sign of the estimate); "
         "'zo-sgd-conservative' (ZO-Bench: the step is kept only if the loss at the updated "
         "weights, probed without writing them, is not worse; one extra forward); 'zo-adam' "
-        "(Adam moments on d with decoupled weight decay; 8 bytes/parameter of state).",
+        "(Adam moments on d with decoupled weight decay; 8 bytes/parameter of state); "
+        "'hizoo' (HiZOO, with estimator='hizoo': a diagonal Hessian estimate H, an EMA updated "
+        "from the extra forward, preconditions the probes and the step, θ -= lr (g H^-1/2 z + wd θ); "
+        "4 bytes/parameter of state, one float32 buffer the size of the trainable set).",
     )
     momentum: float = _help(0.9, "Momentum coefficient β of 'zo-sgd-momentum', in [0, 1).")
     momentum_history: int = _help(
@@ -111,7 +122,35 @@ class ZOConfig:
         "the same unperturbed θ). 'random': a keyed random mask, resampled every "
         "sparsity_resample_every steps.",
     )
+    sparsity_threshold: str = _help(
+        "initial",
+        "How sparsity_mode='magnitude' sets each tensor's threshold h. 'initial' (Sparse MeZO as "
+        "its paper defines it): h is the exact (1 - sparsity) quantile of |θ| at the first step "
+        "(the pretrained weights), kept for the whole run (checkpointed), and the mask |θ| <= h "
+        "is re-evaluated on the current weights every step, so the perturbed fraction follows "
+        "the weights. 'per-step': h is re-estimated every step from a 65,536-element keyed "
+        "sample of the current |θ|, which keeps the fraction fixed.",
+    )
     sparsity_resample_every: int = _help(1, "Steps between resamplings of the random sparsity mask, >= 1.")
+    hessian_smooth: float = _help(
+        1e-6,
+        "HiZOO's smoothing α in [0, 1): H <- (1 - α) H + α |Ĥ| each step (the paper's "
+        "'Hessian smooth'; 0 keeps H = 1, plain MeZO with one extra forward).",
+    )
+    hessian_estimate: str = _help(
+        "paper",
+        "HiZOO's per-step diagonal estimate Ĥ from ΔL = L(θ+εH^-1/2 z) + L(θ-εH^-1/2 z) - 2L(θ). "
+        "'paper': Ĥ = ΔL/(2ε²) · H (z² - 1), unbiased for the diagonal of the Hessian on a "
+        "quadratic. 'code': Ĥ = |ΔL|/(2ε²) · H z², what the authors' released code computes.",
+    )
+    batched_copies: bool = _help(
+        False,
+        "estimator='fzoo' with ZOOptimizer.step: evaluate the n_queries + 1 probes in ONE closure "
+        "call whose batch dimension carries the copies. The closure takes copies (int) and "
+        "returns a tensor of copies losses, its batch repeated copies times along dim 0 (copy k "
+        "in rows k*B..(k+1)*B); each module holding trainable tensors computes copy k with "
+        "θ + ε z_k (nn.Linear in one batched matmul, other modules copy by copy).",
+    )
     block_wise: str | None = _help(
         None,
         "Block-wise descent (ZO-Bench): perturb and update one block per step, a block being a "
@@ -332,6 +371,23 @@ class ZOConfig:
             )
         if self.trajectory_path is not None:
             self.trajectory_path = os.fspath(self.trajectory_path)
+        _check_choice("sparsity_threshold", self.sparsity_threshold, SPARSITY_THRESHOLDS)
+        _check_unit("hessian_smooth", self.hessian_smooth)
+        _check_choice("hessian_estimate", self.hessian_estimate, HESSIAN_ESTIMATES)
+        if not isinstance(self.batched_copies, bool):
+            raise ValueError(
+                f"ZOConfig.batched_copies={self.batched_copies!r} is invalid: use True or False."
+            )
+        if self.batched_copies and not ESTIMATORS[self.estimator].batched_copies:
+            able = [n for n, e in ESTIMATORS.items() if e.batched_copies]
+            raise ValueError(
+                f"ZOConfig.batched_copies=True: estimator={self.estimator!r} evaluates its probes one "
+                f"forward at a time; batched copies serve estimator={' or '.join(map(repr, able))}."
+            )
+        # what a registered method cannot serve (core.estimators / core.updates say why)
+        for entry in (ESTIMATORS[self.estimator], UPDATE_RULES[self.optimizer]):
+            if entry.validate is not None:
+                entry.validate(self)
         if (
             not isinstance(self.chunk_size, int)
             or self.chunk_size < GAUSSIAN_BLOCK

@@ -27,6 +27,8 @@ METHODS = {  # mode "methods": every estimator's collective, one launch
     "spsa-1": {},  # the per-forward reference of the two below
     "one-visit": {"schedule": "one-visit"},
     "offload-disk": {"offload": "disk"},  # each rank's blocks in its own files
+    "fzoo-3": {"estimator": "fzoo", "n_queries": 3},
+    "hizoo": {"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.1},
 }
 
 counters = install_comm_counters()

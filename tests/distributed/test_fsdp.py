@@ -1,7 +1,7 @@
 """ZO on FSDP2 shards in two real CPU processes (gloo, torchrun): every rank perturbs and updates
 only its local shard, with directions drawn at the shard's global offsets, and the sharded run
 ends with the unsharded run's weights bit for bit -- plain ``fully_shard`` + ``ZOOptimizer``
-(eight configurations) and Lightning's ``ZOModelParallelStrategy`` (against ``ZODDPStrategy``
+(ten configurations, FZOO and HiZOO among them) and Lightning's ``ZOModelParallelStrategy`` (against ``ZODDPStrategy``
 on the same data), all in the one launch of the ``two_rank_run`` fixture (conftest.py)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def test_fsdp2_shards_train_to_the_unsharded_weights(two_rank_run):
     a, b = (r["fsdp-plain"] for r in two_rank_run)
-    assert a.keys() == b.keys() and len(a) == 8
+    assert a.keys() == b.keys() and len(a) == 10
     for name, r in a.items():
         assert r["is_dtensor"], f"{name}: the model's parameters must be FSDP2 DTensor shards"
         assert r["backend"] == "torch"

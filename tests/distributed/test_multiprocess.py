@@ -96,11 +96,13 @@ def test_accelerate_launch_two_processes(tmp_path):
 
 def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
     """cge (whose collective is cge_coordinates long), rank and several queries, the forward
-    difference, forward-grad, Adam, the conservative rule, the one-visit schedule and disk
-    offload under DDP: ranks bit-identical and the applied projected gradient is the mean of
-    the two ranks' own estimates; the one-visit and offloaded runs equal the per-forward one."""
+    difference, forward-grad, Adam, the conservative rule, FZOO and HiZOO (gradients and
+    curvatures: 2 values a direction), the one-visit schedule and disk offload under DDP: ranks
+    bit-identical and the applied projected gradient is the mean of the two ranks' own
+    estimates (FZOO: that mean, normalised by its spread, i.e. the global batch's losses
+    normalised); the one-visit and offloaded runs equal the per-forward one."""
     a, b = launch(torchrun_cmd("methods", tmp_path), tmp_path)
-    assert a.keys() == b.keys() and len(a) == 10
+    assert a.keys() == b.keys() and len(a) == 12
     for name in a:
         ra, rb = a[name], b[name]
         if name == "conservative":  # and one all-reduce of (probe loss, baseline) per step
@@ -109,7 +111,14 @@ def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
                 r["scalar_all_reduces"], r["scalar_numel"] = STEPS, 2 * STEPS
                 r["local_grads"] = r["local_grads"][::2]
         check([ra, rb], grads_per_step=ra["grads_per_step"])
-        assert ra["grads_per_step"] == {"spsa-3": 3, "forward-2": 2, "cge": 5, "rank-3": 3}.get(name, 1)
+        assert ra["grads_per_step"] == {
+            "spsa-3": 3,
+            "forward-2": 2,
+            "cge": 5,
+            "rank-3": 3,
+            "fzoo-3": 3,
+            "hizoo": 2,
+        }.get(name, 1)
         la, lb = ra["local_grads"][-1], rb["local_grads"][-1]  # last step's local values (+ skip flag)
         assert la != lb, f"{name}: each rank estimated on its own shard"
         assert ra["rejected_steps"] == rb["rejected_steps"], "ranks must take the same accept/reject decision"
@@ -117,6 +126,13 @@ def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):
             assert 0 < ra["rejected_steps"], "some steps must be rejected for the decision to be tested"
         if name != "conservative":
             expected = [(x + y) / 2 for x, y in zip(la[:-1], lb[:-1])]
+            if name == "fzoo-3":
+                mean = sum(expected) / 3
+                sd = (sum((v - mean) ** 2 for v in expected) / 3) ** 0.5
+                expected = [v / sd for v in expected]
+                assert ra["projected_grads"] == pytest.approx(expected, rel=1e-12)
+                assert ra["projected_grads"] == rb["projected_grads"]
+                continue
             assert ra["projected_grads"] == rb["projected_grads"] == expected, name
     for name in ("one-visit", "offload-disk"):  # bit for bit the per-forward run, on every rank
         for r in (a, b):

@@ -15,7 +15,10 @@ Built in (formulas in docs/methods.md):
 * ``forward`` -- one-point ``(L(θ+εz) - L(θ)) / ε``, the unperturbed loss shared;
 * ``forward-grad`` -- the exact ``∇L·z`` by forward-mode AD;
 * ``cge`` -- coordinate-wise differences of sampled coordinates (DeepZero);
-* ``rank`` -- ZO-RankSGD: only the ranking of the candidates ``θ+εz_j`` is used.
+* ``rank`` -- ZO-RankSGD: only the ranking of the candidates ``θ+εz_j`` is used;
+* ``fzoo`` -- FZOO: ``N`` one-sided probes and the unperturbed loss, the step normalised by
+  the spread of the probed losses (optionally all in one batched pass);
+* ``hizoo`` -- HiZOO's three probes ``L(θ)``, ``L(θ ± ε H^-1/2 z)`` for the 'hizoo' rule.
 """
 
 from __future__ import annotations
@@ -134,6 +137,36 @@ class Probe:
 
     def loss(self, terms: list[tuple[int, float]]) -> float:
         return self.output(terms, as_float_loss)
+
+    def losses(self, term_lists: list[list[tuple[int, float]]]) -> list[float]:
+        """The loss at ``theta + sum(terms)`` for each entry of ``term_lists``.  One closure
+        call per entry (stopping after the first non-finite loss), or, with
+        ``ZOConfig.batched_copies``, ONE call ``closure(len(term_lists))`` whose batch dimension
+        carries the copies (``core.batched``)."""
+        if not self.config.batched_copies:
+            out = []
+            for terms in term_lists:
+                out.append(self.loss(terms))
+                if not math.isfinite(out[-1]):
+                    break
+            return out
+        from .batched import BatchedCopies
+
+        n = len(term_lists)
+        self.perturber.restore(self.plan)  # the copies are built from the unperturbed weights
+        with BatchedCopies(self.model, self.plan, term_lists, self.config):
+            if self.rng is not None:
+                self.rng.restore()
+            value = self.closure(n)
+        if not isinstance(value, torch.Tensor) or value.shape != (n,):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"batched_copies: the closure, called with copies={n}, must return a tensor of shape ({n},) "
+                f"holding each copy's loss (its batch repeated {n} times along dim 0); it returned {got}."
+            )
+        if value.requires_grad:
+            raise ValueError("batched_copies: the closure returned losses that require grad; ZO needs none.")
+        return [float(v) for v in value.detach().double().tolist()]
 
     def along(self, seed: int, coeff: float) -> list[tuple[int, float]]:
         """``coeff`` times the step's direction of ``seed`` as terms of the stream."""
@@ -275,6 +308,75 @@ def _forward_grad(p: Probe) -> None:
         est.projected_grads.append(p.sign * deriv)
 
 
+# ----------------------------------------------------------------------------- fzoo
+def _fzoo(p: Probe) -> None:
+    """FZOO (Dang et al., ICLR 2026): the unperturbed loss l_0 and N one-sided probes
+    l_i = L(θ + ε z_i).  The projected gradients are the forward differences (l_i - l_0)/ε;
+    ``_fzoo_normalise`` divides them by their spread once the step's are accumulated and
+    all-reduced, which makes the update -lr/N Σ_i (l_i - l_0)/σ z_i with σ the (population)
+    standard deviation of the N probed losses."""
+    est, eps = p.est, p.eps
+    lists = [[]] + [p.along(seed, eps) for seed in p.plan.seeds]
+    losses = p.losses(lists)
+    base, probed = losses[0], losses[1:]
+    est.losses_plus = list(probed)
+    est.losses_minus = [base] * len(probed)
+    if len(losses) < len(lists) or not all(math.isfinite(v) for v in losses):
+        est.skipped = True
+        return
+    est.projected_grads = [p.sign * (v - base) / eps for v in probed]
+
+
+def _fzoo_normalise(grads: list[float], config: ZOConfig) -> list[float]:
+    """g_i / std(g): the spread of (l_i - l_0)/ε is σ/ε, so g_i / std(g) = (l_i - l_0)/σ; the
+    normalised coefficients have population standard deviation exactly 1.  All-equal
+    coefficients (σ = 0: the loss did not tell the directions apart) give a zero step."""
+    n = len(grads)
+    mean = math.fsum(grads) / n
+    sd = math.sqrt(math.fsum((g - mean) ** 2 for g in grads) / n)
+    if not (sd > 0 and math.isfinite(sd)):
+        return [0.0] * n
+    return [g / sd for g in grads]
+
+
+def _fzoo_validate(cfg: ZOConfig) -> None:
+    if cfg.n_queries < 2:
+        raise ValueError(
+            f"estimator='fzoo' normalises by the spread of n_queries probed losses; n_queries="
+            f"{cfg.n_queries} has none: use n_queries >= 2 (the paper uses 8)."
+        )
+
+
+# ----------------------------------------------------------------------------- hizoo
+def _hizoo(p: Probe) -> None:
+    """HiZOO (Zhao et al., ICLR 2025): L(θ), L(θ + ε H^-1/2 z), L(θ - ε H^-1/2 z) per direction
+    (the passes apply the preconditioner H^-1/2 through ``ParamSpec.scale``).  The projected
+    gradients are the n central differences g = (L+ - L-)/2ε followed by the n curvatures
+    c = (L+ + L- - 2L)/(2ε²), which the 'hizoo' rule turns into the diagonal estimate."""
+    est, eps = p.est, p.eps
+    base = p.unperturbed_loss()
+    grads, curvs = [], []
+    for seed in p.plan.seeds:
+        lp = p.loss(p.along(seed, eps))
+        lm = p.loss(p.along(seed, -eps)) if math.isfinite(lp) else float("nan")
+        est.losses_plus.append(lp)
+        est.losses_minus.append(lm)
+        if not all(math.isfinite(v) for v in (lp, lm, base)):
+            est.skipped = True
+            return
+        grads.append(p.sign * (lp - lm) / (2 * eps))
+        curvs.append(p.sign * (lp + lm - 2 * base) / (2 * eps * eps))
+    est.projected_grads = grads + curvs
+
+
+def _hizoo_validate(cfg: ZOConfig) -> None:
+    if cfg.optimizer != "hizoo":
+        raise ValueError(
+            f"estimator='hizoo' probes for the 'hizoo' update rule (it returns gradients and "
+            f"curvatures): use optimizer='hizoo', not {cfg.optimizer!r}."
+        )
+
+
 # ----------------------------------------------------------------------------- cge
 def cge_coordinates(plan: StepPlan, config: ZOConfig) -> list[tuple[ParamSpec, int]]:
     """The coordinates ``cge`` estimates at this step, drawn from the step seed (cached in the
@@ -354,6 +456,27 @@ register_estimator(
         forwards_per_step=lambda cfg: 2 * cfg.cge_coordinates,
         coordinate_update=True,
         help="coordinate-wise estimation (DeepZero) of cge_coordinates random coordinates",
+    )
+)
+register_estimator(
+    Estimator(
+        "fzoo",
+        _fzoo,
+        forwards_per_step=lambda cfg: cfg.n_queries + 1,
+        finalize=_fzoo_normalise,
+        validate=_fzoo_validate,
+        batched_copies=True,
+        help="FZOO: n_queries one-sided probes L(θ+εz_i) and L(θ); the step divided by their spread",
+    )
+)
+register_estimator(
+    Estimator(
+        "hizoo",
+        _hizoo,
+        grads_per_step=lambda cfg: 2 * cfg.n_queries,
+        forwards_per_step=lambda cfg: 2 * cfg.n_queries + 1,
+        validate=_hizoo_validate,
+        help="HiZOO's probes L(θ), L(θ ± ε H^-1/2 z): gradients and curvatures for optimizer='hizoo'",
     )
 )
 register_estimator(

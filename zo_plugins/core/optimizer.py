@@ -129,6 +129,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         _check_hyper("weight_decay", weight_decay)
         if ranking_oracle is not None and not callable(ranking_oracle):
             raise ValueError(f"ranking_oracle must be callable (outputs) -> indices, not {ranking_oracle!r}.")
+        if cfg.batched_copies and model is None and not isinstance(params, nn.Module):
+            raise ValueError(
+                "batched_copies=True needs the model (its modules evaluate the copies): pass the "
+                "nn.Module, ZOOptimizer(model, ...), or model=."
+            )
         if mask_fn is not None and not callable(mask_fn):
             raise ValueError(f"mask_fn must be callable (name, param, step) -> bool tensor, not {mask_fn!r}.")
         from_module = isinstance(params, nn.Module)
@@ -167,6 +172,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.schedule = self._resolve_schedule()
         self._plan: StepPlan | None = None
         self._step = 0
+        self._thresholds: dict[str, float] = {}  # sparsity_threshold='initial': h per tensor name
         self.skipped_steps = 0
         self.clipped_steps = 0
         self.rejected_steps = 0  # zo-sgd-conservative: updates not taken
@@ -215,7 +221,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             cfg.sparsity and cfg.sparsity_mode == "magnitude"
         )
         self._mode = resolve_modes(self.specs(), cfg, self.model, unperturbed=unperturbed)
-        self.backend, self._passes, self.backend_reason = select_backend(cfg.backend, self.specs())
+        # a rule that brings its own pass (HiZOO) runs on the PyTorch passes (ZOConfig refuses 'triton')
+        requested = "torch" if self.rule.apply is not None and cfg.backend == "auto" else cfg.backend
+        self.backend, self._passes, self.backend_reason = select_backend(requested, self.specs())
         if any(s.source is not None for s in self.specs()):  # FSDP2 shards (core.sharding)
             check_sharded_config(
                 cfg, self.specs(), estimator=cfg.estimator, mask_fn=self.mask_fn, model=self.model
@@ -344,7 +352,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self._plan
 
     def _make_plan(self, step: int) -> StepPlan:
-        return make_plan(
+        plan = make_plan(
             step,
             config=self.config,
             specs=self._ordered,
@@ -352,7 +360,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             passes_for=lambda specs: passes_for_masks(self.backend, self._passes, specs),
             stream=self.stream,
             mask_fn=self.mask_fn,
+            thresholds=self._thresholds,
         )
+        scale = self.rule.direction_scale  # HiZOO: the probes of this step see H^-1/2 z
+        for spec in self._ordered:
+            spec.scale = None if scale is None else scale(self, spec)
+        return plan
 
     def _record_shift(self, terms: list[tuple[int, float]]) -> None:
         if self._recorder is not None and self._plan is not None:
@@ -385,9 +398,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         plan = self.plan(step)
         est = ZOEstimate(step, plan.seeds[0], [], [], [], False)
 
-        def counted() -> Any:
+        def counted(*copies: int) -> Any:  # batched_copies: closure(copies)
             est.calls += 1
-            return closure()
+            return closure(*copies)
 
         probe = Probe(
             counted,
@@ -476,6 +489,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _apply_directions(self, plan: StepPlan, projected_grads, restore, groups) -> None:
         cfg = self.config
+        if self.rule.apply is not None:  # a rule with its own pass (HiZOO)
+            self._grad_norm = self._update_norm = float("nan")
+            self.rule.apply(self, plan, projected_grads, restore, groups)
+            return
         terms = self._direction_terms(plan, projected_grads)
         rule = self.rule.pass_rule(cfg)
         self._note_update_size(plan, terms, rule, groups, projected_grads)
@@ -657,6 +674,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._pair is not None and self._pair.losses is not None:
             lp, lm = self._pair.losses  # each rank probed one side: the exchanged pair losses
         plan = self.plan(step)
+        if not skipped and self.estimator.finalize is not None:
+            grads = self.estimator.finalize(list(grads), self.config)  # e.g. FZOO's normalisation
         clipped = False
         c = self.config.clip_projected_grad
         if c is not None and not skipped and any(abs(g) > c for g in grads):
@@ -779,6 +798,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "clipped_steps": self.clipped_steps,
             "rejected_steps": self.rejected_steps,
             "history": [[[str(s), c] for s, c in terms] for terms in self._history],
+            "sparsity_thresholds": dict(self._thresholds),
             "config": self.config.to_dict(),
             "deferred": {
                 name: dict(kw, update=[[str(s), c] for s, c in kw["update"]])
@@ -820,6 +840,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.clipped_steps = int(zo.get("clipped_steps", 0))
             self.rejected_steps = int(zo.get("rejected_steps", 0))
             self._history = [[(int(s), float(c)) for s, c in terms] for terms in zo.get("history", [])]
+            self._thresholds = {str(k): float(v) for k, v in zo.get("sparsity_thresholds", {}).items()}
             if zo.get("deferred"):
                 if self.offload is None:
                     raise ValueError(

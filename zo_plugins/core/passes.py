@@ -65,6 +65,10 @@ class ParamSpec:
     place, the modules in ``carrier.modules`` get the perturbed copy through
     ``carrier.swap(copy)`` (which returns what it replaced) instead of a swap of
     ``_parameters``."""
+    scale: Callable[[int, int], torch.Tensor] | None = None
+    """A per-element factor of every direction the passes generate for this tensor,
+    ``scale(start, n)`` for elements ``[start, start+n)`` (HiZOO's preconditioner H^-1/2 while
+    it probes); None: unscaled.  Set per step by the optimizer (its update rule)."""
 
     @property
     def row_len(self) -> int:
@@ -124,9 +128,12 @@ class _Chunks:
         for start in range(0, numel, self.chunk_size):
             yield start, min(self.chunk_size, numel - start)
 
-    def direction(self, spec: ParamSpec, seed: int, start: int, n: int) -> torch.Tensor:
+    def direction(
+        self, spec: ParamSpec, seed: int, start: int, n: int, *, scaled: bool = True
+    ) -> torch.Tensor:
         """``z(seed)`` for elements ``[start, start+n)`` in float32, zero on frozen rows and
-        outside the sparsity mask; a view into a reused buffer."""
+        outside the sparsity mask, times ``spec.scale`` when set and ``scaled``; a view into a
+        reused buffer."""
         z = self.buffer(spec.param.device, torch.float32, 1)[:n]
         fill_direction_(
             z,
@@ -140,6 +147,8 @@ class _Chunks:
             z[s] = 0
         if spec.mask is not None:
             z.masked_fill_(~spec.mask(start, n), 0)
+        if scaled and spec.scale is not None:
+            z.mul_(spec.scale(start, n))
         return z
 
     def direction_sum(
@@ -170,6 +179,8 @@ class _Chunks:
             acc[s] = 0
         if spec.mask is not None:
             acc.masked_fill_(~spec.mask(start, n), 0)
+        if spec.scale is not None:
+            acc.mul_(spec.scale(start, n))
         return acc, scale
 
 

@@ -81,8 +81,11 @@ def make_plan(
     passes_for: Callable[[Sequence[ParamSpec]], Passes],
     stream: str,
     mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None,
+    thresholds: dict[str, float] | None = None,
 ) -> StepPlan:
-    """Build the plan of step ``step`` (sets each spec's ``mask`` for the step)."""
+    """Build the plan of step ``step`` (sets each spec's ``mask`` for the step).  ``thresholds``
+    holds the run's magnitude thresholds under ``sparsity_threshold='initial'`` (filled on first
+    use, checkpointed by the optimizer)."""
     cfg = config
     seeds = step_seeds(cfg, step)
     if cfg.block_wise is not None:
@@ -95,7 +98,7 @@ def make_plan(
         s for s in active if (s.param if s.source is None else s.source).requires_grad or not s.watch_grad
     ]
     for spec in specs:
-        spec.mask = sparsity_mask(spec, cfg, step) if cfg.sparsity else None
+        spec.mask = sparsity_mask(spec, cfg, step, thresholds) if cfg.sparsity else None
         if mask_fn is not None:
             spec.mask = user_mask(mask_fn, spec, step, spec.mask)
     round_seed = mix64(seeds[0], 0x5D) if cfg.stochastic_rounding else None

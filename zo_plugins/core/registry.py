@@ -45,6 +45,16 @@ class Estimator:
     coordinate_update: bool = False
     """The projected gradients are per coordinate (``cge``), not per direction."""
     help: str = ""
+    finalize: Callable[[list[float], Any], list[float]] | None = None
+    """``finalize(grads, config) -> grads``: applied to a step's projected gradients once they
+    are accumulated over micro-batches and all-reduced, before clipping and the update (FZOO's
+    normalisation by the spread of the probed losses).  Trajectories record its output."""
+    validate: Callable[[Any], None] | None = None
+    """``validate(config)``: raise ``ValueError`` for settings the estimator cannot serve
+    (``ZOConfig`` calls it, before any weight changes)."""
+    batched_copies: bool = False
+    """It can evaluate its probes in one closure call whose batch carries the copies
+    (``ZOConfig.batched_copies``; ``Probe.losses``)."""
 
 
 ESTIMATORS: dict[str, Estimator] = {}
@@ -77,13 +87,24 @@ class UpdateRule:
     ``"adam"``: ``rule_update_`` / the Triton rule kernel) or ``None`` for the linear update
     pass along the step's terms.  ``state_bytes(config)``: float32 state per trainable
     parameter.  ``accept(opt, plan, grads, probe, baseline)``: called before the update when
-    given; False rejects the step (the weights are left as they were)."""
+    given; False rejects the step (the weights are left as they were).
+
+    A rule may bring its own pass instead: ``apply(opt, plan, grads, restore, groups)`` then
+    applies the update (``restore``: the terms undoing a pending in-place perturbation,
+    ``groups``: ``(lr, weight_decay, specs)`` per param group); such a rule runs on the PyTorch
+    passes.  ``direction_scale(opt, spec)`` may return a per-element factor of the step's
+    directions, ``scale(start, n) -> tensor``, that every probe of the step applies (HiZOO's
+    preconditioner), or None.  ``validate(config)`` raises ``ValueError`` for settings the
+    rule cannot serve."""
 
     name: str
     pass_rule: Callable[[Any], str | None]
     state_bytes: Callable[[Any], int]
     accept: Callable[..., bool] | None = None
     help: str = ""
+    apply: Callable[..., None] | None = None
+    direction_scale: Callable[[Any, Any], Callable[[int, int], Any] | None] | None = None
+    validate: Callable[[Any], None] | None = None
 
 
 UPDATE_RULES: dict[str, UpdateRule] = {}

@@ -1,11 +1,14 @@
 """Sparse MeZO masks, computed on the fly from the weights or a keyed stream: no mask the
 size of the model is ever stored.
 
-* ``magnitude`` (Sparse MeZO, Liu et al. 2024): perturb and update the ``1 - sparsity``
-  fraction of each tensor with the smallest ``|theta|``.  The per-tensor threshold is the
-  ``1 - sparsity`` quantile of ``|theta|`` over the whole tensor when it has at most 65,536
-  elements, else over a 65,536-element sample drawn from the step seed (so the fraction is
-  matched to within ~0.5%); it is recomputed every step from the unperturbed weights.
+* ``magnitude`` (Sparse MeZO, Liu et al. 2024): perturb and update the elements of each
+  tensor with ``|theta| <= h``.  With ``sparsity_threshold='initial'`` (the paper's
+  definition) ``h`` is the exact ``1 - sparsity`` quantile of ``|theta|`` over the whole tensor
+  at the run's first step -- the pretrained weights -- and stays fixed; the mask is evaluated
+  on the current weights in every pass, so the perturbed fraction follows the weights as they
+  move.  With ``'per-step'`` ``h`` is re-estimated every step from the unperturbed weights:
+  over the whole tensor when it has at most 65,536 elements, else over a 65,536-element
+  sample drawn from the step seed (the fraction is then matched to within ~0.5%).
 * ``random``: element ``i`` is perturbed when a keyed uniform ``u(seed, step // every, key,
   i) >= sparsity``; the mask changes every ``sparsity_resample_every`` steps.
 
@@ -63,10 +66,28 @@ class MagnitudeMask:
         return float(torch.nextafter(t, torch.tensor(float("inf"))))
 
 
-def sparsity_mask(spec: ParamSpec, config, step: int) -> Callable[[int, int], torch.Tensor]:
-    """``mask(start, n)`` for step ``step``: True where the element is perturbed/updated."""
+def initial_threshold(spec: ParamSpec, sparsity: float) -> float:
+    """The exact ``1 - sparsity`` quantile of ``|theta|`` over the whole tensor (one of its
+    own magnitudes, so ``|theta| <= h`` selects ``round((1 - sparsity) * numel)`` elements
+    when the magnitudes are distinct)."""
+    flat = spec.param.detach().reshape(-1).abs().float()
+    k = max(1, min(flat.numel(), round((1.0 - sparsity) * flat.numel())))
+    return float(flat.kthvalue(k).values)
+
+
+def sparsity_mask(
+    spec: ParamSpec, config, step: int, thresholds: dict[str, float] | None = None
+) -> Callable[[int, int], torch.Tensor]:
+    """``mask(start, n)`` for step ``step``: True where the element is perturbed/updated.
+    ``thresholds`` caches the run's magnitude thresholds (``sparsity_threshold='initial'``)."""
     s = config.sparsity
     if config.sparsity_mode == "magnitude":
+        if config.sparsity_threshold == "initial":
+            if thresholds is None:
+                raise ValueError("sparsity_threshold='initial' needs the run's threshold cache.")
+            if spec.name not in thresholds:
+                thresholds[spec.name] = initial_threshold(spec, s)
+            return MagnitudeMask(spec.param, thresholds[spec.name])
         return MagnitudeMask(spec.param, magnitude_threshold(spec, s, step_seed(config.seed, step)))
     epoch_seed = mix64(config.seed, step // config.sparsity_resample_every, _SALT)
     key = mix64(epoch_seed, spec.key)

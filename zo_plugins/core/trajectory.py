@@ -50,6 +50,7 @@ import torch
 
 from ..config import ZOConfig
 from .noise import STREAM_VERSION
+from .registry import ESTIMATORS
 
 __all__ = [
     "TrajectoryError",
@@ -204,10 +205,10 @@ def _check_header(h: Any) -> _Spec:
     if unknown:
         raise _Bad(f"the header's config has an unknown field {unknown[0]!r}.")
     try:
-        ZOConfig(**cfg)
+        config = ZOConfig(**cfg)
     except (TypeError, ValueError) as e:
         raise _Bad(f"the header's config is invalid: {e}") from None
-    count = cfg["cge_coordinates"] if cfg["estimator"] == "cge" else cfg["n_queries"]
+    count = ESTIMATORS[config.estimator].grads_per_step(config)  # e.g. hizoo: 2 per direction
     in_place = h.get("in_place")
     if in_place is not None and not (
         isinstance(in_place, list) and all(isinstance(n, str) for n in in_place)

@@ -15,6 +15,11 @@ The estimated gradient of a step is ``d = sum_q c_q z_q`` (``c_q = g_q / n_queri
 ZO-RankSGD weights).  ``zo-sgd-sign`` uses the element-wise ``sign(d)`` -- not, as ZO-Bench's
 code does, ``z * sign(g)`` -- so with several directions it is the sign of the averaged
 estimate.
+
+``hizoo`` (HiZOO) brings its own pass (``hizoo_update_``): it keeps a diagonal Hessian
+estimate ``H`` (one float32 buffer the size of the trainable set), scales the step's probes by
+``H^-1/2`` (``ParamSpec.scale``), and in one read-modify-write updates ``H`` from the probed
+curvature and ``theta`` along ``H^-1/2 z``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .passes import ParamSpec, Term, _Chunks, _compute_dtype, _flat, store_chunk_
+from .passes import ParamSpec, Term, _Chunks, _compute_dtype, _flat, _frozen_slices, store_chunk_
 from .registry import UPDATE_RULES, UpdateRule, get_update_rule, register_update_rule
 
 __all__ = [
@@ -47,6 +52,7 @@ STATE_BYTES_PER_PARAM = {
     "zo-sgd-conservative": 0,
     "zo-sgd-momentum": 4,
     "zo-adam": 8,
+    "hizoo": 4,
 }
 """float32 optimizer state per trainable parameter (zo-sgd-momentum with momentum_history > 0: 0)."""
 
@@ -137,6 +143,136 @@ def rule_update_(
             store_chunk_(spec, cur, x, start=start, keep=keep, round_seed=round_seed)
 
 
+# ----------------------------------------------------------------------------- hizoo
+def hizoo_update_(
+    spec: ParamSpec,
+    *,
+    restore: Sequence[Term],
+    seeds: Sequence[int],
+    grads: Sequence[float],
+    curvatures: Sequence[float],
+    lr: float,
+    weight_decay: float,
+    hessian: torch.Tensor,
+    smooth: float,
+    estimate: str,
+    distribution: str,
+    chunk_size: int,
+    round_seed: int | None = None,
+) -> None:
+    """HiZOO's update in one read-modify-write pass.  With ``m = len(seeds)`` directions
+    ``z_q`` and, from the probes at ``theta ± ε H^-1/2 z_q``, ``g_q`` and ``c_q = ΔL_q/(2ε²)``:
+
+    * ``x = theta + sum(restore)`` (restore terms along ``H^-1/2 z``, as the probes were);
+    * ``Ĥ = mean_q c_q H (z_q² - 1)`` ('paper') or ``mean_q |c_q| H z_q²`` ('code');
+    * ``H' = (1 - smooth) H + smooth |Ĥ|`` on the perturbed elements;
+    * ``theta = x - lr (mean_q g_q z_q H'^-1/2 + wd x)``.
+
+    Frozen rows and elements outside the sparsity mask keep their bits and their ``H``."""
+    chunks = _Chunks(chunk_size, distribution)
+    flat = _flat(spec.param)
+    cdt = _compute_dtype(flat)
+    hflat = hessian.view(-1)
+    r_coef: dict[int, float] = {}
+    for seed, coeff in restore:
+        r_coef[seed] = r_coef.get(seed, 0.0) + coeff
+    order = list(dict.fromkeys(list(seeds) + list(r_coef)))
+    m = len(seeds)
+    with torch.no_grad():
+        for start, n in chunks.ranges(flat.numel()):
+            cur = flat[start : start + n]
+            on = torch.ones(n, dtype=torch.bool, device=cur.device)
+            for sl in _frozen_slices(spec, start, n):
+                on[sl] = False
+            keep = None
+            if spec.mask is not None:  # before cur changes: a magnitude mask reads the weights
+                inside = spec.mask(start, n)
+                on &= inside
+                keep = ~inside
+            h = hflat[start : start + n]
+            hc = h.to(cdt)
+            x = cur.to(cdt, copy=True)
+            probe_scale = hc.rsqrt()  # what this step's probes used: H^-1/2
+            h_hat = torch.zeros(n, dtype=cdt, device=cur.device)
+            d = torch.zeros(n, dtype=cdt, device=cur.device)
+            for seed in order:
+                z = chunks.direction(spec, seed, start, n, scaled=False).to(cdt)
+                if r_coef.get(seed):
+                    x.add_(z * probe_scale, alpha=r_coef[seed])
+                if seed not in seeds:
+                    continue
+                q = seeds.index(seed)
+                zz = z * z
+                if estimate == "paper":
+                    h_hat.add_(hc * (zz - 1.0), alpha=curvatures[q] / m)
+                else:
+                    h_hat.add_(hc * zz, alpha=abs(curvatures[q]) / m)
+                d.add_(z, alpha=grads[q] / m)
+            h_new = torch.where(on, hc * (1.0 - smooth) + h_hat.abs_() * smooth, hc)
+            if weight_decay:
+                x.mul_(1 - lr * weight_decay)
+            x.addcmul_(d, h_new.rsqrt(), value=-lr)
+            h.copy_(h_new)
+            store_chunk_(spec, cur, x, start=start, keep=keep, round_seed=round_seed)
+
+
+def _hizoo_scale(opt: Any, spec: ParamSpec):
+    """The probes' factor H^-1/2 (None before the first update: H = 1)."""
+    h = opt.state.get(spec.param, {}).get("hessian")
+    if h is None:
+        return None
+    flat = h.view(-1)
+    return lambda start, n: flat[start : start + n].rsqrt()
+
+
+def _hizoo_apply(opt: Any, plan: Any, grads: Sequence[float], restore: Sequence[Term], groups) -> None:
+    cfg = opt.config
+    m = len(plan.seeds)
+    for lr, wd, specs in groups:
+        for spec in specs:
+            state = opt.state[spec.param]
+            if "hessian" not in state:
+                dtype = torch.float64 if spec.param.dtype == torch.float64 else torch.float32
+                state["hessian"] = torch.ones(spec.param.shape, dtype=dtype, device=spec.param.device)
+                state["step"] = 0
+            state["step"] += 1
+            hizoo_update_(
+                spec,
+                restore=restore if spec.in_place else [],
+                seeds=plan.seeds,
+                grads=grads[:m],
+                curvatures=grads[m:],
+                lr=lr,
+                weight_decay=wd,
+                hessian=state["hessian"],
+                smooth=cfg.hessian_smooth,
+                estimate=cfg.hessian_estimate,
+                distribution=plan.stream,
+                chunk_size=plan.chunk_size,
+                round_seed=plan.round_seed,
+            )
+
+
+def _hizoo_validate(cfg: Any) -> None:
+    if cfg.estimator != "hizoo":
+        raise ValueError(
+            "optimizer='hizoo' learns its Hessian from HiZOO's three probes: use estimator='hizoo', "
+            f"not {cfg.estimator!r}."
+        )
+    if cfg.distribution != "gaussian":
+        why = (
+            "has z_i^2 = 1 and carries no diagonal information"
+            if cfg.distribution == "rademacher"
+            else "is rescaled every step"
+        )
+        raise ValueError(
+            "optimizer='hizoo' estimates the diagonal from z_i^2 of Gaussian directions; "
+            f"distribution={cfg.distribution!r} {why}: use distribution='gaussian'."
+        )
+    if cfg.backend == "triton":
+        raise ValueError("optimizer='hizoo' runs on the PyTorch passes: use backend='auto' or 'torch'.")
+
+
 # ----------------------------------------------------------------------------- the registry
 def _conservative_accept(
     opt: Any, plan: Any, grads: Sequence[float], probe: Any, baseline: float | None
@@ -181,4 +317,15 @@ register_update_rule(
 )
 register_update_rule(
     UpdateRule("zo-adam", lambda cfg: "adam", lambda cfg: 8, help="Adam moments on d, decoupled weight decay")
+)
+register_update_rule(
+    UpdateRule(
+        "hizoo",
+        lambda cfg: None,
+        lambda cfg: 4,
+        apply=_hizoo_apply,
+        direction_scale=_hizoo_scale,
+        validate=_hizoo_validate,
+        help="HiZOO: diagonal Hessian H (4 bytes/parameter) preconditions probes and step, θ -= lr g H^-1/2 z",
+    )
 )

@@ -60,6 +60,12 @@ class ZODriver:
         ranking_oracle: Callable[[list[Any]], Sequence[int]] | None = None,
         mask_fn: Callable[[str, torch.Tensor, int], torch.Tensor | None] | None = None,
     ) -> None:
+        if config.batched_copies:
+            raise ValueError(
+                f"{owner}(batched_copies=True): batched copies need a closure that takes the number of "
+                "copies, which only ZOOptimizer.step(closure) calls; the training loop runs the model's own "
+                "forward. Use batched_copies=False here (FZOO then makes its n_queries + 1 forwards one by one)."
+            )
         self.config = config
         self.owner = owner
         self.ranking_oracle = ranking_oracle
