@@ -198,6 +198,10 @@ class BlockOffload:
         self.pending: dict[int, list[tuple[ParamSpec, Callable[[ParamSpec], None]]]] = {}
         self.visits = 0
         self.bytes_in = 0
+        self.sumsq: dict[int, float] | None = {}
+        """Per block, the float64 sum of squares of its trainable tensors, taken on the block's
+        first visit (the optimizer's first-step weight norm: reading them outside a visit would
+        read every block file once more and leave its pages resident); None once not needed."""
         self._files: list[_MappedFile] = []
         self._handles: list[Any] = []
         self._lock = threading.Lock()
@@ -290,6 +294,13 @@ class BlockOffload:
             if nxt is not None:
                 self._h2d_issue(nxt)  # overlaps block i's compute on the side stream
         self._apply_pending(i)
+        if self.sumsq is not None and i not in self.sumsq:
+            with torch.no_grad():
+                self.sumsq[i] = sum(
+                    sum(float(c.double().square().sum()) for c in p.detach().reshape(-1).split(1 << 20))
+                    for _, _, p in self._named(i)
+                    if p.requires_grad
+                )
 
     def depart(self, i: int) -> None:
         """Let block ``i`` go: drop its pages (disk) or copy its trained tensors back to the

@@ -575,6 +575,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._warned_update or not math.isfinite(norm) or norm == 0.0:
             return
         if self._weight_norm is None:
+            off = self.offload
             with torch.no_grad():
                 self._weight_norm = math.sqrt(  # a shard's sum scaled to its whole tensor (an estimate)
                     sum(
@@ -582,8 +583,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                         * s.global_numel
                         / max(s.param.numel(), 1)
                         for s in self.specs()
+                        if off is None or not off.owns(s)
                     )
+                    # offloaded blocks: their sums taken on this step's visits (core.offload)
+                    + (sum(off.sumsq.values()) if off is not None and off.sumsq else 0.0)
                 )
+            if off is not None:
+                off.sumsq = None
         if self._weight_norm > 0 and norm > UPDATE_NORM_WARNING * self._weight_norm:
             self._warned_update = True
             lrs = sorted({lr for lr, _, _ in groups})
