@@ -447,6 +447,12 @@ def test_site_builds_strict(tmp_path):
     assert {"api", "quickstart", "recipes", "core", "hf"} <= built
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert 'id="zo_plugins.core.optimizer.ZOOptimizer"' in api and "ZOCallback" in api
+    import dataclasses
+
+    from zo_plugins import ZOConfig
+
+    missing = [f.name for f in dataclasses.fields(ZOConfig) if f"<code>{f.name}</code>" not in api]
+    assert not missing, f"the API page lists no ZOConfig field {missing}"
     assert (tmp_path / "site" / "search" / "search_index.json").exists()
     for page in doc_pages()[1:]:
         assert page.stem == "index" or page.stem in built, f"{page.name} was not built"
