@@ -49,8 +49,12 @@ def step_cost(path: Path, out: Path) -> Path:
         present = [m for m in modes if m in runs]
         xs = [modes.index(m) + (i - (len(models) - 1) / 2) * width for m in present]
         axes[0].bar(xs, [runs[m]["step_s"] / (2 * fwd["step_s"]) for m in present], width, label=model)
-        axes[1].bar(xs, [runs[m]["peak_growth_mib"] / fwd["peak_growth_mib"] for m in present], width, label=model)
-    for ax, title in zip(axes, ("step time / two no-grad forwards", "peak memory growth / a no-grad forward's")):
+        axes[1].bar(
+            xs, [runs[m]["peak_growth_mib"] / fwd["peak_growth_mib"] for m in present], width, label=model
+        )
+    for ax, title in zip(
+        axes, ("step time / two no-grad forwards", "peak memory growth / a no-grad forward's")
+    ):
         ax.set_xticks(range(len(modes)), modes, rotation=30, ha="right")
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_title(title)

@@ -27,7 +27,7 @@ def _prune(nav, docs_dir: Path):
     out = []
     for item in nav:
         if isinstance(item, dict):
-            (title, value), = item.items()
+            ((title, value),) = item.items()
             if isinstance(value, list):
                 value = _prune(value, docs_dir)
                 if value:
@@ -79,5 +79,7 @@ def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri == "recipes.md":
         expected = _recipes_page().render()
         if markdown.strip() != expected.strip():
-            raise PluginError("docs/recipes.md is out of date with zo_plugins/recipes: run python scripts/recipes_page.py")
+            raise PluginError(
+                "docs/recipes.md is out of date with zo_plugins/recipes: run python scripts/recipes_page.py"
+            )
     return markdown

@@ -116,7 +116,9 @@ def render(recipe_dir: Path = RECIPE_DIR) -> str:
             f"| `{r['name']}` | `{r['model']}` | {r['dtype']} | {r['task']} | {r['method']} | {r['lr']} | "
             f"{r['eps']} | {r['batch']} | {r['steps']} | {r['accelerator']} | {r['memory']} |"
         )
-    hardware = sorted({(r["memory"], r["hardware"]) for r in rows if r["hardware"]}, key=lambda x: float(x[0].split()[0]))
+    hardware = sorted(
+        {(r["memory"], r["hardware"]) for r in rows if r["hardware"]}, key=lambda x: float(x[0].split()[0])
+    )
     if hardware:
         out += ["", "Hardware the recipes' headers suggest for that memory:", ""]
         out += [f"- {mem}: {hw}" for mem, hw in hardware]
@@ -138,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.check:
         if not PAGE.exists() or PAGE.read_text() != text:
-            print(f"{PAGE.relative_to(ROOT)} is out of date: run python scripts/recipes_page.py", file=sys.stderr)
+            print(
+                f"{PAGE.relative_to(ROOT)} is out of date: run python scripts/recipes_page.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     PAGE.write_text(text)

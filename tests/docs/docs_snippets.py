@@ -75,7 +75,9 @@ def extract_blocks(page: Path) -> list[Block]:
         start = i
         body = []
         i += 1
-        while i < len(lines) and not (lines[i].strip().startswith(fence) and lines[i].strip() == fence[0] * len(lines[i].strip())):
+        while i < len(lines) and not (
+            lines[i].strip().startswith(fence) and lines[i].strip() == fence[0] * len(lines[i].strip())
+        ):
             body.append(lines[i][indent:] if lines[i][:indent].strip() == "" else lines[i])
             i += 1
         i += 1  # the closing fence

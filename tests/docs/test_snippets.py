@@ -39,7 +39,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -78,7 +77,9 @@ def _tokenizer():
     vocab.update({"<pad>": 60, "<eos>": 61, "<unk>": 62})
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def _hf_namespace(kind: str) -> dict:
@@ -95,18 +96,30 @@ def _hf_namespace(kind: str) -> dict:
         return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten())
 
     args = TrainingArguments(
-        output_dir="out", per_device_train_batch_size=4, learning_rate=1e-3, max_steps=MAX_STEPS,
-        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        output_dir="out",
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=MAX_STEPS,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
     )
     return {
         "model": model,
         "build_model": lambda: tiny_hf_model(kind),
         "batch": _collate(rows[:4]),
         "loader": [_collate(rows[i : i + 4]) for i in (0, 4)],
-        "train": train, "dev": dev, "train_ds": train, "dev_ds": dev, "ds": train, "dataset": train,
+        "train": train,
+        "dev": dev,
+        "train_ds": train,
+        "dev_ds": dev,
+        "ds": train,
+        "dataset": train,
         "args": args,
         "my_loss": my_loss,
-        "tok": _tokenizer(), "tokenizer": _tokenizer(),
+        "tok": _tokenizer(),
+        "tokenizer": _tokenizer(),
     }
 
 
@@ -123,8 +136,16 @@ def _sft_namespace() -> dict:
 def _cls_namespace() -> dict:
     ns = _hf_namespace("llama")
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"][-1]} for r in ns["train"] + ns["dev"]]
-    ns.update(train=rows[:12], dev=rows[12:], train_ds=rows[:12], dev_ds=rows[12:], ds=rows[:12],
-              dataset=rows[:12], batch=_collate(rows[:4]), loader=[_collate(rows[i : i + 4]) for i in (0, 4)])
+    ns.update(
+        train=rows[:12],
+        dev=rows[12:],
+        train_ds=rows[:12],
+        dev_ds=rows[12:],
+        ds=rows[:12],
+        dataset=rows[:12],
+        batch=_collate(rows[:4]),
+        loader=[_collate(rows[i : i + 4]) for i in (0, 4)],
+    )
     return ns
 
 
@@ -163,7 +184,11 @@ def snippet_env(tmp_path, monkeypatch):
         self.disable_tqdm = True
 
     monkeypatch.setattr(TrainingArguments, "__post_init__", capped)
-    saved = {name: dict(table) for name, table in vars(registry).items() if isinstance(table, dict) and name.isupper()}
+    saved = {
+        name: dict(table)
+        for name, table in vars(registry).items()
+        if isinstance(table, dict) and name.isupper()
+    }
     torch.manual_seed(0)
     yield tmp_path
     for name, table in saved.items():
@@ -219,7 +244,10 @@ def test_extraction_reads_fences_and_directives(tmp_path):
     assert "not a block" in blocks[1].code and blocks[1].directives == {}
     assert blocks[2].directives["skip"].startswith("a reason")
     assert bash_commands("A=1 python x.py --a 1 && bash y.sh # c\nz \\\n --b") == [
-        ["python", "x.py", "--a", "1"], ["bash", "y.sh"], ["z", "--b"]]
+        ["python", "x.py", "--a", "1"],
+        ["bash", "y.sh"],
+        ["z", "--b"],
+    ]
 
 
 # ---- python ----------------------------------------------------------------------------
@@ -234,8 +262,13 @@ def test_python_block_runs(group, snippet_env, monkeypatch):
     if any("init_process_group" in b.code for b in group):
         # what torchrun would set, for one process (set after the namespace is built, so the
         # HF objects in it do not start a process group of their own)
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(_free_port())}.items():
+        for k, v in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+        }.items():
             monkeypatch.setenv(k, v)
     for block in group:
         if "skip" in block.directives:
@@ -279,6 +312,7 @@ def _zo_train(argv: list[str]) -> str:
 
 
 def _pyproject_extras() -> set[str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
 
 
@@ -286,7 +320,9 @@ def _check_path(arg: str, user_files: set[str], where: str) -> bool:
     """True when ``arg`` is a file in the repository; False for one of the reader's own."""
     if arg in user_files:
         return False
-    assert (ROOT / arg).exists(), f"{where}: {arg} does not exist in the repository (files= names the reader's own)"
+    assert (ROOT / arg).exists(), (
+        f"{where}: {arg} does not exist in the repository (files= names the reader's own)"
+    )
     return True
 
 
@@ -324,7 +360,9 @@ def check_command(cmd: list[str], user_files: set[str], where: str, tmp: Path) -
             try:
                 parser.parse_args(cmd[1 if head == "torchrun" else 2 :])
             except SystemExit:
-                raise AssertionError(f"{where}: {' '.join(cmd[:2])} has no option: {err.getvalue()[-300:]}") from None
+                raise AssertionError(
+                    f"{where}: {' '.join(cmd[:2])} has no option: {err.getvalue()[-300:]}"
+                ) from None
         for arg in cmd:
             if arg.endswith((".py", ".sh", ".yaml", ".json")):
                 _check_path(arg, user_files, where)
@@ -406,7 +444,9 @@ def test_yaml_block_parses_and_resolves(block, snippet_env):
 
 
 def test_recipes_page_is_current():
-    proc = subprocess.run([sys.executable, "scripts/recipes_page.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "scripts/recipes_page.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -418,8 +458,15 @@ def test_api_reference_covers_the_public_api():
     api = (ROOT / "docs" / "api.md").read_text()
     skip = {"__version__", "ESTIMATORS", "UPDATE_RULES", "QUANTIZED_MODES", "SUPPORTED"}
     names = set(zo_plugins.__all__) | set(zo_plugins.lightning.__all__) | set(zo_plugins.distributed.__all__)
-    missing = sorted(n for n in names - skip if not any(f".{n}" in line or f" {n}," in line or f"[{n}," in line or f" {n}]" in line
-                                                   for line in api.splitlines() if line.strip().startswith(("::: ", "members:"))))
+    missing = sorted(
+        n
+        for n in names - skip
+        if not any(
+            f".{n}" in line or f" {n}," in line or f"[{n}," in line or f" {n}]" in line
+            for line in api.splitlines()
+            if line.strip().startswith(("::: ", "members:"))
+        )
+    )
     assert not missing, f"docs/api.md documents no {missing}"
 
 
@@ -440,7 +487,11 @@ def test_site_builds_strict(tmp_path):
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     built = {p.parent.name for p in (tmp_path / "site").glob("*/index.html")}
