@@ -508,3 +508,17 @@ def test_site_builds_strict(tmp_path):
     for page in doc_pages()[1:]:
         assert page.stem == "index" or page.stem in built, f"{page.name} was not built"
     shutil.rmtree(tmp_path / "site")
+
+
+def test_optional_pages_leave_the_nav_only_when_absent(tmp_path):
+    pytest.importorskip("mkdocs")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("zo_mkdocs_hooks", ROOT / "scripts" / "mkdocs_hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    nav = [{"Home": "index.md"}, {"Guides": [{"Quantized models": "quantized.md"}, {"PEFT": "peft.md"}]}]
+    assert hooks._prune(nav, tmp_path) == [{"Home": "index.md"}, {"Guides": [{"PEFT": "peft.md"}]}]
+    (tmp_path / "quantized.md").write_text("# Quantized\n")
+    assert hooks._prune(nav, tmp_path) == nav
+    assert "| `eps` | `0.001` |" in hooks.zoconfig_table()
