@@ -2,8 +2,8 @@
 tests run on them.  The conventions are described in docs/contributing.md and at the top of
 tests/docs/test_snippets.py; in short:
 
-* every fenced block names its language: ``python``, ``bash``, ``yaml`` or ``text`` (printed
-  output, tables of figures: not run);
+* every fenced block names its language: ``python``, ``bash``, ``yaml``, ``json`` or ``text``
+  (printed output, tables of figures: not run);
 * an HTML comment on the line(s) just before a block gives directives, separated by ``;``:
   ``<!-- snippet: setup=tiny_opt; files=train.py -->``.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LANGUAGES = {"python", "bash", "yaml", "text"}
+LANGUAGES = {"python", "bash", "yaml", "json", "text"}
 _FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 _DIRECTIVE = re.compile(r"<!--\s*snippet:(?P<body>.*?)-->", re.S)
 

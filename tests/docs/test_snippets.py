@@ -2,7 +2,7 @@
 
 Conventions (also in docs/contributing.md), read from the Markdown itself:
 
-* Each fenced block names its language: ``python``, ``bash``, ``yaml`` or ``text``. A block
+* Each fenced block names its language: ``python``, ``bash``, ``yaml``, ``json`` or ``text``. A block
   in another language, or none, fails ``test_every_block_is_classified``.
 * ``python`` blocks are executed as written, each in a fresh temporary working directory, in a
   namespace that holds tiny stand-ins for the names a snippet does not define itself:
@@ -21,7 +21,7 @@ Conventions (also in docs/contributing.md), read from the Markdown itself:
   their ``--help``; ``pip install`` extras must exist in pyproject.toml. A command this file
   has no rule for fails the test, so a new kind of command gets a rule, not a silent pass.
   ``<!-- snippet: files=train.py -->`` names files that are the reader's own.
-* ``yaml`` blocks are parsed; a zo-train config (``trainer``/``model``/``data`` keys) is
+* ``json`` blocks are parsed. ``yaml`` blocks are parsed; a zo-train config (``trainer``/``model``/``data`` keys) is
   resolved with ``zo-train fit --config FILE --print_config``.
 * ``<!-- snippet: skip=REASON -->`` leaves a block out, with a reason the suite lists
   (``test_skipped_blocks_are_few_and_explained``).
@@ -438,6 +438,18 @@ def test_yaml_block_parses_and_resolves(block, snippet_env):
         for key, value in doc.get("model", {}).items():
             if not isinstance(value, dict | list):
                 assert printed["model"][key] == value, (block.id, key)
+
+
+JSON = [b for b in BLOCKS if b.lang == "json"]
+
+
+@pytest.mark.parametrize("block", JSON, ids=[b.id for b in JSON])
+def test_json_block_parses(block):
+    if "skip" in block.directives:
+        pytest.skip(block.directives["skip"])
+    import json
+
+    json.loads(block.code)
 
 
 # ---- the site ----------------------------------------------------------------------------
