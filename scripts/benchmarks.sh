@@ -3,7 +3,8 @@
 #
 #   bash scripts/benchmarks.sh            # = plots: redraw every figure of the docs from the JSON
 #                                         #   in benchmarks/results/ (under a minute; nothing is run)
-#   bash scripts/benchmarks.sh quick      # smoke-run every CPU benchmark on tiny shapes (minutes),
+#   bash scripts/benchmarks.sh quick      # smoke-run step_cost, scaling and offload on tiny shapes (~10 min
+#                                         #   on 2 busy cores),
 #                                         #   writing into a temporary folder, not benchmarks/results/
 #   bash scripts/benchmarks.sh all        # rerun the measurements the docs quote, then redraw:
 #                                         #   hours on a 2-core CPU (times measured there):
