@@ -46,7 +46,8 @@ def recipe_row(path: Path) -> dict:
     cfg = yaml.safe_load(path.read_text())
     comment = _comment(path)
     text = " ".join(comment)
-    memory = _MEMORY.search(text)
+    memories = _MEMORY.findall(text)  # the last "= X GiB" of the header is the total
+    memory = memories[-1] if memories else None
     hardware = next((m.group(1) for line in comment if (m := _HARDWARE.match(line))), "")
     model = cfg["model"]
     strategy = cfg["trainer"]["strategy"]
@@ -59,8 +60,22 @@ def recipe_row(path: Path) -> dict:
             method += f" ({peft['num_virtual_tokens']} tokens)"
     elif model.get("trainable"):
         method = "only " + ", ".join(f"`{t}`" for t in model["trainable"])
+    elif strategy.get("init_args", {}).get("quantized") == "scales":
+        method = "the quantization scales"
     else:
         method = "full"
+    quant = model.get("quantization") or {}
+    dtype = model.get("dtype", "float32")
+    if quant:
+        if quant.get("load_in_4bit"):
+            kind = quant.get("bnb_4bit_quant_type", "4-bit")
+        elif quant.get("load_in_8bit"):
+            kind = "int8"
+        else:
+            kind = "quantized"
+        dtype = f"{kind} ({quant.get('method', '?')}) + {dtype}"
+        if peft:
+            method += f" on the {kind} base"
     data = cfg["data"]
     task = model["task"]
     if "loader" in data:
@@ -70,7 +85,7 @@ def recipe_row(path: Path) -> dict:
     return {
         "name": path.stem,
         "model": model.get("model_name_or_path", ""),
-        "dtype": model.get("dtype", "float32"),
+        "dtype": dtype,
         "task": f"{task}, {source}",
         "method": method,
         "lr": _fmt(model.get("lr")),
@@ -78,7 +93,7 @@ def recipe_row(path: Path) -> dict:
         "batch": _fmt(data.get("batch_size")),
         "steps": _fmt(cfg["trainer"].get("max_steps")),
         "accelerator": cfg["trainer"].get("accelerator", ""),
-        "memory": f"{memory.group(1)} GiB" if memory else "not stated",
+        "memory": f"{memory} GiB" if memory else "not stated",
         "hardware": hardware,
     }
 
@@ -100,11 +115,12 @@ def render(recipe_dir: Path = RECIPE_DIR) -> str:
         "zo-train fit --config opt-13b-lora --print_config   # the resolved config; nothing is downloaded",
         "```",
         "",
-        "Memory is the estimate in each recipe's header, computed by `python scripts/recipe_memory.py`",
-        "(weights + the largest activation set of one no-grad forward + the ZO extra; add ~1 GiB of",
-        "CUDA context): an estimate from the published model configs, not a measurement on those",
-        "models. Learning rates and ε are MeZO's (Malladi et al., NeurIPS 2023) except `quickstart`,",
-        "whose settings come from the README's main job.",
+        "Memory is the total estimated in each recipe's header (for the unquantized recipes computed",
+        "by `python scripts/recipe_memory.py`: weights + the largest activation set of one no-grad",
+        "forward + the ZO extra; add ~1 GiB of CUDA context): an estimate from the published model",
+        "configs, not a measurement on those models. Learning rates and ε of the unquantized recipes",
+        "are MeZO's (Malladi et al., NeurIPS 2023), except `quickstart`, whose settings come from the",
+        "README's main job; each recipe's header says where its values come from.",
         "",
         f"{len(rows)} recipes.",
         "",

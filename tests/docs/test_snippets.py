@@ -9,7 +9,8 @@ Conventions (also in docs/contributing.md), read from the Markdown itself:
   ``model`` (a 2-layer, 16-wide random Llama), ``batch``, ``loader`` (2 batches of 4),
   ``train``/``dev`` (and ``train_ds``, ``dev_ds``, ``ds``, ``dataset``: lists of token rows),
   ``args`` (``TrainingArguments``, 2 steps), ``tok``/``tokenizer``, ``my_loss``,
-  ``build_model()``, and a saved copy of the starting weights in ``./base-model``. Imports are
+  ``build_model()``, and a saved copy of the starting weights in ``./base-model`` (``path``
+  names it). Imports are
   the snippet's job: the namespace holds no modules. ``<!-- snippet: setup=NAME -->`` picks
   another namespace (``NAMESPACES`` below), ``<!-- snippet: continue -->`` continues the
   previous python block of the page. Only the scale changes: every ``TrainingArguments``
@@ -118,6 +119,7 @@ def _hf_namespace(kind: str) -> dict:
         "dataset": train,
         "args": args,
         "my_loss": my_loss,
+        "path": "base-model",  # a save_pretrained directory of the starting weights
         "tok": _tokenizer(),
         "tokenizer": _tokenizer(),
     }
