@@ -260,7 +260,12 @@ def test_python_block_runs(group, snippet_env, monkeypatch):
     first = group[0]
     if "skip" in first.directives:
         pytest.skip(first.directives["skip"])
-    ns = NAMESPACES[first.directives.get("setup", "tiny")]()
+    run_group(group, monkeypatch)
+
+
+def run_group(group, monkeypatch) -> dict:
+    """Run a python block and the blocks that continue it in one namespace; returns it."""
+    ns = NAMESPACES[group[0].directives.get("setup", "tiny")]()
     if any("init_process_group" in b.code for b in group):
         # what torchrun would set, for one process (set after the namespace is built, so the
         # HF objects in it do not start a process group of their own)
@@ -278,6 +283,20 @@ def test_python_block_runs(group, snippet_env, monkeypatch):
         code = compile(block.code, block.id, "exec")
         with contextlib.redirect_stdout(io.StringIO()):
             exec(code, ns)
+    return ns
+
+
+def test_the_runner_fails_a_broken_block_and_continues_a_namespace(tmp_path, snippet_env, monkeypatch):
+    page = tmp_path / "p.md"
+    page.write_text(
+        "```python\nsteps = args.max_steps\n```\n\n<!-- snippet: continue -->\n```python\nx = steps + 1\n```\n\n"
+        "<!-- snippet: setup=none -->\n```python\nmodel\n```\n"
+    )
+    groups = python_groups(extract_blocks(page))
+    assert [len(g) for g in groups] == [2, 1]
+    assert run_group(groups[0], monkeypatch)["x"] == MAX_STEPS + 1  # the cap applies, names carry over
+    with pytest.raises(NameError):
+        run_group(groups[1], monkeypatch)  # setup=none: no stand-ins
 
 
 # ---- bash -------------------------------------------------------------------------------
