@@ -480,18 +480,23 @@ class HFDataModule(pl.LightningDataModule):
     """Text-classification / language-modelling data for ``HFTaskModule``.
 
     Args:
-        train_file / validation_file / test_file: local csv, tsv, json, jsonl or parquet
-            files (compressed csv such as ``.csv.bz2`` works).
+        train_file: a local csv, tsv, json, jsonl or parquet file (compressed csv such as
+            ``.csv.bz2`` works).
+        validation_file: the same, for the validation split.
+        test_file: the same, for the test split.
         loader: instead of files, a callable (``"package.module.function"``) returning a
             ``datasets.DatasetDict`` or a dict of split name -> dataset / list of rows;
             ``loader_kwargs`` are passed to it.
-        text_column / label_column: the columns holding the text and the label.
+        text_column: the column holding the text.
+        label_column: the column holding the label.
         label_map: maps raw label values (e.g. ``"fresh"``) to class indices; rows whose label
             is not in it are dropped.  Without it labels must already be integers.
-        num_train / num_validation: keep only this many examples (after a seeded shuffle),
-            e.g. MeZO's k-shot 512 / 1000.
+        num_train: keep only this many training examples (after a seeded shuffle), e.g.
+            MeZO's k-shot 512 / 1000.
+        num_validation: the same for the validation split.
         validation_fraction: carve a validation split out of train when none is given.
-        batch_size / eval_batch_size: per-device batch sizes.
+        batch_size: the per-device training batch size.
+        eval_batch_size: the per-device evaluation batch size.
     """
 
     def __init__(
