@@ -260,6 +260,7 @@ def main() -> None:
                 raise SystemExit(f"{name}/{mode} failed:\n{out.stderr[-4000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["wall_s"] = time.perf_counter() - t0
+            r["command"] = " ".join(["python", *sys.argv])
             if mode == "disk":
                 files = sorted(work.glob("block-*.safetensors"))
                 r["disk_read_bandwidth_bytes_s"] = disk_bandwidth(files[0]) if files else None

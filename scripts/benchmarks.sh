@@ -11,6 +11,7 @@
 #     step_cost.py  --models opt-125m smollm2-135m --repeats 3     not timed end to end
 #     scaling.py    --steps 4                                      ~17 min
 #     offload.py    --models opt-1.3b --steps 3                    ~77 min (sum of its runs' wall_s)
+#     offload.py    --models llama-7b --modes disk ...             ~36 min (build 6.5 min, 2 steps)
 #     quantized.py  --part memory                                  not timed end to end
 #     convergence.py: the two final-norm grids of docs/benchmarks.md (--cached; ~5 s per
 #                   300-pass run, 14 variants x 3 learning rates x 3 seeds each)
@@ -55,6 +56,8 @@ case "$what" in
     python benchmarks/step_cost.py --models opt-125m smollm2-135m --repeats 3
     python benchmarks/scaling.py --steps 4
     python benchmarks/offload.py --models opt-1.3b --steps 3
+    # a model larger than this machine's memory (27 GB of block files: set OFFLOAD_DIR to a disk with room)
+    python benchmarks/offload.py --models llama-7b --modes disk --batch 1 --seq 16 --steps 2 --offload-dir "${OFFLOAD_DIR:-/tmp}"
     python benchmarks/quantized.py --part memory
     python benchmarks/convergence.py --cached --budget 300 --checkpoints 15 --seeds 0 1 2 --lr-sweep 0.3 1 3
     python benchmarks/convergence.py --cached --budget 1200 --checkpoints 12 --seeds 0 1 2 --lr-sweep 0.3 1 3
