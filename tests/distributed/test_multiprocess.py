@@ -44,6 +44,28 @@ def check(ranks: list[dict], steps: int = STEPS, grads_per_step: int = 1) -> Non
         assert r["scalar_numel"] == steps * (grads_per_step + 1)
 
 
+def accelerate_cmd(job: Path, *args: object) -> list[str]:
+    """``accelerate launch --multi_gpu`` of ``job`` with two processes (gloo on CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        str(job),
+        *map(str, args),
+    ]
+
+
 def torchrun_cmd(mode: str, out: Path, job: Path = JOB, zo: str | None = None, nproc: int = 2) -> list[str]:
     return [
         sys.executable,
@@ -72,26 +94,7 @@ def test_torchrun_two_processes(tmp_path, mode):
 
 
 def test_accelerate_launch_two_processes(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(JOB),
-        "hf",
-        str(tmp_path),
-    ]
-    check(launch(cmd, tmp_path))
+    check(launch(accelerate_cmd(JOB, "hf", tmp_path), tmp_path))
 
 
 def test_every_estimator_and_stateful_rule_runs_on_two_processes(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_multiprocess import free_port, launch, torchrun_cmd
+from test_multiprocess import accelerate_cmd, launch, torchrun_cmd
 
 JOB = Path(__file__).with_name("pairs_job.py")
 STEPS = 3
@@ -51,25 +51,7 @@ def test_hf_zo_trainer_pairs_under_accelerate_equal_one_process(tmp_path):
     pairs, single = tmp_path / "pairs", tmp_path / "single"
     pairs.mkdir()
     single.mkdir()
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(JOB),
-        "hf",
-        str(pairs),
-    ]
+    cmd = accelerate_cmd(JOB, "hf", pairs)
     a, b = launch(cmd, pairs)
     ref = launch([sys.executable, str(JOB), "hf-ref", str(single)], single, world=1)[0]
     assert ref["world"] == 1 and a["world"] == b["world"] == 2
