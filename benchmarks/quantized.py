@@ -320,6 +320,46 @@ def trained_numel(mode: str, model, opt) -> int:
     return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
+def evaluate_items(model, dataset, collate, label_ids, batch_size: int) -> dict:
+    """``examples/rotten_tomatoes.py``'s ``evaluate`` (argmax over the two label words at the
+    answer position) plus each example's 0/1 correctness, so the gain's standard error can be
+    paired (the same examples before and after)."""
+    import torch
+
+    model.eval()
+    correct, loss_sum, pred_pos = [], 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            out = model(**batch)
+            logits = out.logits[:, 0, :]
+            y = torch.tensor([dataset.items[i][1] for i in range(start, start + len(logits))])
+            pred = logits[:, list(label_ids)].argmax(-1)
+            correct += (pred == y).long().tolist()
+            pred_pos += int(pred.sum())
+            loss_sum += float(out.loss) * len(logits)
+    n = len(correct)
+    acc = sum(correct) / n
+    return {
+        "accuracy": acc,
+        "accuracy_se": (acc * (1 - acc) / n) ** 0.5,
+        "loss": loss_sum / n,
+        "predicted_positive": pred_pos / n,
+        "n": n,
+        "correct": correct,
+    }
+
+
+def paired_gain(before: dict, after: dict) -> tuple[float, float]:
+    """(gain, its standard error) over the same examples: the SE of the mean per-example
+    difference, smaller than two independent accuracies' when the model keeps most answers."""
+    d = [a - b for a, b in zip(after["correct"], before["correct"])]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    return mean, (var / n) ** 0.5
+
+
 def child_accuracy(mode: str, args) -> dict:
     import torch
 
@@ -356,36 +396,54 @@ def child_accuracy(mode: str, args) -> dict:
         return collate([train_ds[i] for i in idx])
 
     step, opt = make_step(mode, model, objective, batch_at(0), lr=lr, eps=eps, seed=args.seed)
-    before = ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+    before = evaluate_items(model, eval_ds, collate, label_ids, args.eval_batch_size)
     model.train()
     print(f"  {mode}: before {before['accuracy']:.3f} (lr {lr:g}, eps {eps})", file=sys.stderr, flush=True)
     curve = [{"step": 0, **before}]
+    last, window = before, []
     train_time = 0.0
     every = max(1, args.steps // args.checkpoints)
     for t in range(args.steps):
         t0 = time.perf_counter()
         step(batch_at(t))
         train_time += time.perf_counter() - t0
+        if opt_is_zo(mode):
+            info = opt.last_step
+            window.append((0.5 * (info.loss_plus + info.loss_minus), abs(info.projected_grad), info.update_norm))
         if (t + 1) % every == 0 or t + 1 == args.steps:
-            res = ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+            res = evaluate_items(model, eval_ds, collate, label_ids, args.eval_batch_size)
             model.train()
+            if window:  # the training objective and |projected gradient| since the last checkpoint
+                res["train_loss"] = statistics.fmean(w[0] for w in window)
+                res["abs_projected_grad"] = statistics.fmean(w[1] for w in window)
+                res["update_norm"] = statistics.fmean(w[2] for w in window)
+                window.clear()
+            res["gain"], res["gain_se_paired"] = paired_gain(before, res)
             curve.append({"step": t + 1, **res})
+            last = res
+            line = {k: v for k, v in res.items() if k != "correct"}
+            print(f"  CHECKPOINT {json.dumps({'mode': mode, 'step': t + 1, **line})}", file=sys.stderr, flush=True)
             print(
-                f"  {mode}: step {t + 1} acc {res['accuracy']:.3f} loss {res['loss']:.4f}",
+                f"  {mode}: step {t + 1} acc {res['accuracy']:.3f} loss {res['loss']:.4f} "
+                f"train {res.get('train_loss', float('nan')):.4f} |g| {res.get('abs_projected_grad', float('nan')):.3g}",
                 file=sys.stderr,
                 flush=True,
             )
+    gain, gain_se = paired_gain(before, last)
+    strip = lambda r: {k: v for k, v in r.items() if k != "correct"}  # noqa: E731
     return {
         "mode": mode,
         "lr": lr,
         "eps": eps,
         "steps": args.steps,
         "trained_numel": trained_numel(mode, model, opt),
-        "before": before,
-        "after": curve[-1],
-        "gain": curve[-1]["accuracy"] - before["accuracy"],
-        "curve": curve,
+        "before": strip(before),
+        "after": strip(last),
+        "gain": gain,
+        "gain_se_paired": gain_se,
+        "curve": [strip(c) for c in curve],
         "train_time_s": train_time,
+        "step_s_mean": train_time / max(1, args.steps),
     }
 
 
@@ -529,7 +587,7 @@ def main() -> None:
         else:
             print(
                 f"{mode:20s} accuracy {r['before']['accuracy']:.3f} -> {r['after']['accuracy']:.3f} "
-                f"({r['gain']:+.3f}) in {r['steps']} steps, lr {r['lr']:g}, {r['train_time_s']:.0f} s",
+                f"({r['gain']:+.3f} +- {r['gain_se_paired']:.3f} paired SE, n {r['after']['n']}) in {r['steps']} steps, lr {r['lr']:g}, {r['train_time_s']:.0f} s",
                 flush=True,
             )
     report["results"] = results
