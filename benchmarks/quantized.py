@@ -31,6 +31,7 @@ the same batches in every mode) and reports held-out accuracy before and after.
     python benchmarks/quantized.py --part memory
     python benchmarks/quantized.py --part accuracy --steps 100 --n-eval 200
     python benchmarks/quantized.py --part plot      # docs/img/quantized-memory.png from the JSON
+                                                    # (+ quantized-accuracy.png from *-final*.json)
 
 Writes ``benchmarks/results/quantized-<part>-<host>.json``.
 """
@@ -409,7 +410,9 @@ def child_accuracy(mode: str, args) -> dict:
         train_time += time.perf_counter() - t0
         if opt_is_zo(mode):
             info = opt.last_step
-            window.append((0.5 * (info.loss_plus + info.loss_minus), abs(info.projected_grad), info.update_norm))
+            window.append(
+                (0.5 * (info.loss_plus + info.loss_minus), abs(info.projected_grad), info.update_norm)
+            )
         if (t + 1) % every == 0 or t + 1 == args.steps:
             res = evaluate_items(model, eval_ds, collate, label_ids, args.eval_batch_size)
             model.train()
@@ -422,7 +425,11 @@ def child_accuracy(mode: str, args) -> dict:
             curve.append({"step": t + 1, **res})
             last = res
             line = {k: v for k, v in res.items() if k != "correct"}
-            print(f"  CHECKPOINT {json.dumps({'mode': mode, 'step': t + 1, **line})}", file=sys.stderr, flush=True)
+            print(
+                f"  CHECKPOINT {json.dumps({'mode': mode, 'step': t + 1, **line})}",
+                file=sys.stderr,
+                flush=True,
+            )
             print(
                 f"  {mode}: step {t + 1} acc {res['accuracy']:.3f} loss {res['loss']:.4f} "
                 f"train {res.get('train_loss', float('nan')):.4f} |g| {res.get('abs_projected_grad', float('nan')):.3g}",
@@ -499,13 +506,20 @@ def plot(mem_json: Path, out_png: Path) -> None:
     modes = [m for m in MODES if m in res and not m.endswith("-forward")]
     w = [res[m]["weight_mib"] for m in modes]
     g = [res[m]["peak_growth_mib"] for m in modes]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5))
     ax.barh(modes, w, color="#4c72b0", label="weights (+ quantization state)")
     ax.barh(modes, g, left=w, color="#dd8452", label="step's peak growth (activations, copies, grads, AdamW)")
     for i, m in enumerate(modes):
         ax.text(
             w[i] + g[i] + 8, i, f"{w[i] + g[i]:.0f} MiB, {res[m]['step_s']:.1f} s", va="center", fontsize=8
         )
+    total = dict(zip(modes, (a + c for a, c in zip(w, g))))
+    for ref, frac, ls in (
+        ("bf16-zo", 3, "--"),
+        ("qlora-backprop", 4, ":"),
+    ):  # the issue's goals for nf4-scales
+        if ref in total:
+            ax.axvline(total[ref] / frac, color="k", lw=0.9, ls=ls, label=f"goal: {ref} / {frac}")
     ax.invert_yaxis()
     ax.set_xlabel("training memory (MiB): weights + peak RSS growth of a step")
     b, s = rep["batch"], rep["seq"]
@@ -513,9 +527,40 @@ def plot(mem_json: Path, out_png: Path) -> None:
         f"SmolLM2-135M, batch {b} x {s}, {rep['machine']['threads']} CPU threads ({rep['machine']['date']})"
     )
     ax.set_xlim(0, max(a + c for a, c in zip(w, g)) * 1.35)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    print(f"wrote {out_png}")
+
+
+def plot_accuracy(paths: list[Path], out_png: Path) -> None:
+    """Held-out accuracy against ZO steps for every mode in ``paths`` (one standard error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, rep = {}, None
+    for p in paths:
+        rep = json.loads(p.read_text())
+        res.update(rep["results"])
+    if not res:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in [m for m in MODES if m in res]:
+        r = res[mode]
+        xs = [c["step"] for c in r["curve"]]
+        ys = [c["accuracy"] for c in r["curve"]]
+        es = [c.get("accuracy_se", 0.0) for c in r["curve"]]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{mode} (lr {r['lr']:g}, eps {r['eps']})")
+    n = next(iter(res.values()))["before"]["n"]
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("ZO steps (batch 16)")
+    ax.set_ylabel(f"accuracy on {n} held-out snippets")
+    ax.set_title(f"SmolLM2-135M, Rotten Tomatoes, same batches in every mode ({rep['machine']['date']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     print(f"wrote {out_png}")
 
@@ -557,6 +602,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "plot":
         plot(RESULTS / f"quantized-memory-{host}.json", ROOT / "docs" / "img" / "quantized-memory.png")
+        acc = sorted(RESULTS.glob(f"quantized-accuracy-{host}-final*.json"))  # the runs the docs quote
+        if acc:
+            plot_accuracy(acc, ROOT / "docs" / "img" / "quantized-accuracy.png")
         return
     modes = args.modes or (
         list(MODES) if args.part == "memory" else [m for m in HYPER if m != "bf16-zo-chunk64k"]
