@@ -211,7 +211,9 @@ def memory_batch(ex, tok, label_ids, batch: int, seq: int):
     return b
 
 
-def make_step(mode: str, model, objective, batch, lr: float, eps: float | None, seed: int = 0):
+def make_step(
+    mode: str, model, objective, batch, lr: float, eps: float | None, seed: int = 0, clip: float | None = None
+):
     """A function running one training step of ``mode`` on ``batch``."""
     import torch
 
@@ -236,6 +238,8 @@ def make_step(mode: str, model, objective, batch, lr: float, eps: float | None, 
         return backprop, opt
     quantized = {"zo-qlora": "adapters"}.get(mode, "scales" if mode.endswith("-scales") else "none")
     extra = {"chunk_size": 65536} if mode.endswith("-chunk64k") else {}
+    if clip is not None:  # QZO's directional-derivative clipping
+        extra["clip_projected_grad"] = clip
     if mode.startswith(("fp32-zo", "bf16-zo")):
         for p in model.parameters():
             p.requires_grad_(True)
@@ -399,10 +403,15 @@ def child_accuracy(mode: str, args) -> dict:
         idx = [order[(step * args.batch_size + i) % len(order)] for i in range(args.batch_size)]
         return collate([train_ds[i] for i in idx])
 
-    step, opt = make_step(mode, model, objective, batch_at(0), lr=lr, eps=eps, seed=args.seed)
+    clip = args.clip.get(mode)
+    step, opt = make_step(mode, model, objective, batch_at(0), lr=lr, eps=eps, seed=args.seed, clip=clip)
     before = evaluate_items(model, eval_ds, collate, label_ids, args.eval_batch_size)
     model.train()
-    print(f"  {mode}: before {before['accuracy']:.3f} (lr {lr:g}, eps {eps})", file=sys.stderr, flush=True)
+    print(
+        f"  {mode}: before {before['accuracy']:.3f} (lr {lr:g}, eps {eps}, clip {clip})",
+        file=sys.stderr,
+        flush=True,
+    )
     curve = [{"step": 0, **before}]
     last, window = before, []
     train_time = 0.0
@@ -453,6 +462,8 @@ def child_accuracy(mode: str, args) -> dict:
         "gain_se_paired": gain_se,
         "curve": [strip(c) for c in curve],
         "train_time_s": train_time,
+        "clip_projected_grad": clip,
+        "clipped_steps": opt.clipped_steps if clip is not None else 0,
         "step_s_mean": train_time / max(1, args.steps),
     }
 
@@ -591,6 +602,12 @@ def main() -> None:
         "--lr", type=json.loads, default={}, help="per-mode override, e.g. '{\"nf4-scales\": 3e-3}'"
     )
     ap.add_argument("--eps", type=json.loads, default={}, help="per-mode override of eps")
+    ap.add_argument(
+        "--clip",
+        type=json.loads,
+        default={},
+        help="per-mode clip_projected_grad (QZO's clipping), e.g. '{\"int8-scales\": 1000}'",
+    )
     ap.add_argument("--tag", default="", help="suffix of the output file")
     args = ap.parse_args()
     host = socket.gethostname()
@@ -621,7 +638,7 @@ def main() -> None:
         "--threads", str(args.threads), "--steps", str(args.steps), "--checkpoints", str(args.checkpoints),
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--n-eval", str(args.n_eval),
         "--eval-batch-size", str(args.eval_batch_size), "--seed", str(args.seed),
-        "--lr", json.dumps(args.lr), "--eps", json.dumps(args.eps),
+        "--lr", json.dumps(args.lr), "--eps", json.dumps(args.eps), "--clip", json.dumps(args.clip),
     ]  # fmt: skip
     if args.n_train is not None:
         passthrough += ["--n-train", str(args.n_train)]
