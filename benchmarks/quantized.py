@@ -549,31 +549,39 @@ def plot(mem_json: Path, out_png: Path) -> None:
 
 
 def plot_accuracy(paths: list[Path], out_png: Path) -> None:
-    """Held-out accuracy against ZO steps for every mode in ``paths`` (one standard error bars)."""
+    """Held-out accuracy against ZO steps for every run in ``paths`` (one standard error bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res, rep = {}, None
+    runs, rep = [], None
     for p in paths:
         rep = json.loads(p.read_text())
-        res.update(rep["results"])
-    if not res:
+        runs += list(rep["results"].values())
+    if not runs:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for mode in [m for m in MODES if m in res]:
-        r = res[mode]
-        xs = [c["step"] for c in r["curve"]]
+    order = list(MODES)
+    runs.sort(
+        key=lambda r: (
+            order.index(r["mode"]) if r["mode"] in order else 99,
+            r.get("clip_projected_grad") or 0,
+        )
+    )
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for k, r in enumerate(runs):
+        xs = [c["step"] + 0.6 * (k - len(runs) / 2) for c in r["curve"]]  # offset: bars stay apart
         ys = [c["accuracy"] for c in r["curve"]]
         es = [c.get("accuracy_se", 0.0) for c in r["curve"]]
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=f"{mode} (lr {r['lr']:g}, eps {r['eps']})")
-    n = next(iter(res.values()))["before"]["n"]
+        label = f"{r['mode']} (lr {r['lr']:g}, eps {r['eps']:g}"
+        label += f", clip {r['clip_projected_grad']:g})" if r.get("clip_projected_grad") else ")"
+        label += " stopped early" if r.get("partial") else ""
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("ZO steps (batch 16)")
-    ax.set_ylabel(f"accuracy on {n} held-out snippets")
-    ax.set_title(f"SmolLM2-135M, Rotten Tomatoes, same batches in every mode ({rep['machine']['date']})")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("ZO steps (batch 16, the same batches in every run)")
+    ax.set_ylabel(f"accuracy on {runs[0]['curve'][0].get('n', 200)} held-out snippets")
+    ax.set_title(f"SmolLM2-135M on Rotten Tomatoes, {rep['machine']['date']}")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     print(f"wrote {out_png}")
