@@ -29,8 +29,10 @@ step time over ``--repeats`` steps after a warm-up.
 the same batches in every mode) and reports held-out accuracy before and after.
 
     python benchmarks/quantized.py --part memory
-    python benchmarks/quantized.py --part accuracy --steps 100 --n-eval 200
+    python benchmarks/quantized.py --part accuracy --modes nf4-scales --steps 60 --checkpoints 3 \
+        --n-eval 200 --tag final-nf4-scales    # what docs/quantized.md quotes, one run per mode
     python benchmarks/quantized.py --part plot      # docs/img/quantized-memory.png from the JSON
+                                                    # (+ quantized-accuracy.png from *-final*.json)
 
 Writes ``benchmarks/results/quantized-<part>-<host>.json``.
 """
@@ -67,9 +69,12 @@ MODES = {
     "qlora-backprop": "NF4 base + LoRA r=8 (q_proj, v_proj), backprop + AdamW (QLoRA)",
     "qlora-backprop-ckpt": "as qlora-backprop, with gradient checkpointing (QLoRA's setting)",
 }
-# (lr, eps) per mode for the accuracy part.  eps and lr are in the units of the trained tensors:
-# torchao's int8 scale is a row's absmax / 127 (RMS ~1e-3 here), bitsandbytes' NF4 absmax a
-# block's absmax (RMS ~0.05) and its int8 SCB a row's absmax; docs/quantized.md.
+# (lr, eps) per mode for the accuracy part.  eps and lr are in the units of the trained tensors
+# (zo_plugins.quant.describe, measured on SmolLM2-135M): the linear weights' RMS is 0.19;
+# torchao's int8 scale is a row's absmax / 127 (RMS 5.6e-3), bitsandbytes' NF4 absmax a block
+# of 64's absmax (RMS 0.53), its int8 SCB a row's absmax (RMS 0.71 = 127 x torchao's).  Changing
+# a tensor's unit by c scales the same run's eps by c and its lr by c**2, so the int8 and NF4
+# rows are the same relative setting (eps ~0.2% of the RMS); docs/quantized.md.
 HYPER = {
     "fp32-zo": (1e-5, 1e-3),
     "bf16-zo": (1e-5, 1e-3),
@@ -77,7 +82,7 @@ HYPER = {
     "int8-scales": (2e-7, 1e-5),
     "bnb-int8-scales": (1e-3, 1e-3),
     "nf4-scales": (1e-3, 1e-3),
-    "zo-qlora": (1e-3, 1e-2),
+    "zo-qlora": (3e-3, 1e-2),  # docs/benchmarks.md: a 50-step LoRA probe moved at 3e-3, not at 1e-3
     "qlora-backprop": (3e-4, None),
     "qlora-backprop-ckpt": (3e-4, None),
 }
@@ -207,7 +212,9 @@ def memory_batch(ex, tok, label_ids, batch: int, seq: int):
     return b
 
 
-def make_step(mode: str, model, objective, batch, lr: float, eps: float | None, seed: int = 0):
+def make_step(
+    mode: str, model, objective, batch, lr: float, eps: float | None, seed: int = 0, clip: float | None = None
+):
     """A function running one training step of ``mode`` on ``batch``."""
     import torch
 
@@ -232,6 +239,8 @@ def make_step(mode: str, model, objective, batch, lr: float, eps: float | None, 
         return backprop, opt
     quantized = {"zo-qlora": "adapters"}.get(mode, "scales" if mode.endswith("-scales") else "none")
     extra = {"chunk_size": 65536} if mode.endswith("-chunk64k") else {}
+    if clip is not None:  # QZO's directional-derivative clipping
+        extra["clip_projected_grad"] = clip
     if mode.startswith(("fp32-zo", "bf16-zo")):
         for p in model.parameters():
             p.requires_grad_(True)
@@ -320,6 +329,46 @@ def trained_numel(mode: str, model, opt) -> int:
     return sum(p.numel() for g in opt.param_groups for p in g["params"])
 
 
+def evaluate_items(model, dataset, collate, label_ids, batch_size: int) -> dict:
+    """``examples/rotten_tomatoes.py``'s ``evaluate`` (argmax over the two label words at the
+    answer position) plus each example's 0/1 correctness, so the gain's standard error can be
+    paired (the same examples before and after)."""
+    import torch
+
+    model.eval()
+    correct, loss_sum, pred_pos = [], 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            out = model(**batch)
+            logits = out.logits[:, 0, :]
+            y = torch.tensor([dataset.items[i][1] for i in range(start, start + len(logits))])
+            pred = logits[:, list(label_ids)].argmax(-1)
+            correct += (pred == y).long().tolist()
+            pred_pos += int(pred.sum())
+            loss_sum += float(out.loss) * len(logits)
+    n = len(correct)
+    acc = sum(correct) / n
+    return {
+        "accuracy": acc,
+        "accuracy_se": (acc * (1 - acc) / n) ** 0.5,
+        "loss": loss_sum / n,
+        "predicted_positive": pred_pos / n,
+        "n": n,
+        "correct": correct,
+    }
+
+
+def paired_gain(before: dict, after: dict) -> tuple[float, float]:
+    """(gain, its standard error) over the same examples: the SE of the mean per-example
+    difference, smaller than two independent accuracies' when the model keeps most answers."""
+    d = [a - b for a, b in zip(after["correct"], before["correct"])]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(1, n - 1)
+    return mean, (var / n) ** 0.5
+
+
 def child_accuracy(mode: str, args) -> dict:
     import torch
 
@@ -355,37 +404,68 @@ def child_accuracy(mode: str, args) -> dict:
         idx = [order[(step * args.batch_size + i) % len(order)] for i in range(args.batch_size)]
         return collate([train_ds[i] for i in idx])
 
-    step, opt = make_step(mode, model, objective, batch_at(0), lr=lr, eps=eps, seed=args.seed)
-    before = ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+    clip = args.clip.get(mode)
+    step, opt = make_step(mode, model, objective, batch_at(0), lr=lr, eps=eps, seed=args.seed, clip=clip)
+    before = evaluate_items(model, eval_ds, collate, label_ids, args.eval_batch_size)
     model.train()
-    print(f"  {mode}: before {before['accuracy']:.3f} (lr {lr:g}, eps {eps})", file=sys.stderr, flush=True)
+    print(
+        f"  {mode}: before {before['accuracy']:.3f} (lr {lr:g}, eps {eps}, clip {clip})",
+        file=sys.stderr,
+        flush=True,
+    )
     curve = [{"step": 0, **before}]
+    last, window = before, []
     train_time = 0.0
     every = max(1, args.steps // args.checkpoints)
     for t in range(args.steps):
         t0 = time.perf_counter()
         step(batch_at(t))
         train_time += time.perf_counter() - t0
+        if opt_is_zo(mode):
+            info = opt.last_step
+            window.append(
+                (0.5 * (info.loss_plus + info.loss_minus), abs(info.projected_grad), info.update_norm)
+            )
         if (t + 1) % every == 0 or t + 1 == args.steps:
-            res = ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)
+            res = evaluate_items(model, eval_ds, collate, label_ids, args.eval_batch_size)
             model.train()
+            if window:  # the training objective and |projected gradient| since the last checkpoint
+                res["train_loss"] = statistics.fmean(w[0] for w in window)
+                res["abs_projected_grad"] = statistics.fmean(w[1] for w in window)
+                res["update_norm"] = statistics.fmean(w[2] for w in window)
+                window.clear()
+            res["gain"], res["gain_se_paired"] = paired_gain(before, res)
             curve.append({"step": t + 1, **res})
+            last = res
+            line = {k: v for k, v in res.items() if k != "correct"}
             print(
-                f"  {mode}: step {t + 1} acc {res['accuracy']:.3f} loss {res['loss']:.4f}",
+                f"  CHECKPOINT {json.dumps({'mode': mode, 'step': t + 1, **line})}",
                 file=sys.stderr,
                 flush=True,
             )
+            print(
+                f"  {mode}: step {t + 1} acc {res['accuracy']:.3f} loss {res['loss']:.4f} "
+                f"train {res.get('train_loss', float('nan')):.4f} |g| {res.get('abs_projected_grad', float('nan')):.3g}",
+                file=sys.stderr,
+                flush=True,
+            )
+    gain, gain_se = paired_gain(before, last)
+    strip = lambda r: {k: v for k, v in r.items() if k != "correct"}  # noqa: E731
     return {
         "mode": mode,
         "lr": lr,
         "eps": eps,
         "steps": args.steps,
         "trained_numel": trained_numel(mode, model, opt),
-        "before": before,
-        "after": curve[-1],
-        "gain": curve[-1]["accuracy"] - before["accuracy"],
-        "curve": curve,
+        "before": strip(before),
+        "after": strip(last),
+        "gain": gain,
+        "gain_se_paired": gain_se,
+        "curve": [strip(c) for c in curve],
         "train_time_s": train_time,
+        "clip_projected_grad": clip,
+        "clipped_steps": opt.clipped_steps if clip is not None else 0,
+        "step_s_mean": train_time / max(1, args.steps),
     }
 
 
@@ -441,13 +521,20 @@ def plot(mem_json: Path, out_png: Path) -> None:
     modes = [m for m in MODES if m in res and not m.endswith("-forward")]
     w = [res[m]["weight_mib"] for m in modes]
     g = [res[m]["peak_growth_mib"] for m in modes]
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 5))
     ax.barh(modes, w, color="#4c72b0", label="weights (+ quantization state)")
     ax.barh(modes, g, left=w, color="#dd8452", label="step's peak growth (activations, copies, grads, AdamW)")
     for i, m in enumerate(modes):
         ax.text(
             w[i] + g[i] + 8, i, f"{w[i] + g[i]:.0f} MiB, {res[m]['step_s']:.1f} s", va="center", fontsize=8
         )
+    total = dict(zip(modes, (a + c for a, c in zip(w, g))))
+    for ref, frac, ls in (
+        ("bf16-zo", 3, "--"),
+        ("qlora-backprop", 4, ":"),
+    ):  # the issue's goals for nf4-scales
+        if ref in total:
+            ax.axvline(total[ref] / frac, color="k", lw=0.9, ls=ls, label=f"goal: {ref} / {frac}")
     ax.invert_yaxis()
     ax.set_xlabel("training memory (MiB): weights + peak RSS growth of a step")
     b, s = rep["batch"], rep["seq"]
@@ -455,9 +542,48 @@ def plot(mem_json: Path, out_png: Path) -> None:
         f"SmolLM2-135M, batch {b} x {s}, {rep['machine']['threads']} CPU threads ({rep['machine']['date']})"
     )
     ax.set_xlim(0, max(a + c for a, c in zip(w, g)) * 1.35)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    print(f"wrote {out_png}")
+
+
+def plot_accuracy(paths: list[Path], out_png: Path) -> None:
+    """Held-out accuracy against ZO steps for every run in ``paths`` (one standard error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, rep = [], None
+    for p in paths:
+        rep = json.loads(p.read_text())
+        runs += list(rep["results"].values())
+    if not runs:
+        return
+    order = list(MODES)
+    runs.sort(
+        key=lambda r: (
+            order.index(r["mode"]) if r["mode"] in order else 99,
+            r.get("clip_projected_grad") or 0,
+        )
+    )
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for k, r in enumerate(runs):
+        xs = [c["step"] + 0.6 * (k - len(runs) / 2) for c in r["curve"]]  # offset: bars stay apart
+        ys = [c["accuracy"] for c in r["curve"]]
+        es = [c.get("accuracy_se", 0.0) for c in r["curve"]]
+        label = f"{r['mode']} (lr {r['lr']:g}, eps {r['eps']:g}"
+        label += f", clip {r['clip_projected_grad']:g})" if r.get("clip_projected_grad") else ")"
+        label += " stopped early" if r.get("partial") else ""
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=label)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("ZO steps (batch 16, the same batches in every run)")
+    ax.set_ylabel(f"accuracy on {runs[0]['curve'][0].get('n', 200)} held-out snippets")
+    ax.set_title(f"SmolLM2-135M on Rotten Tomatoes, {rep['machine']['date']}")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     print(f"wrote {out_png}")
 
@@ -485,6 +611,12 @@ def main() -> None:
         "--lr", type=json.loads, default={}, help="per-mode override, e.g. '{\"nf4-scales\": 3e-3}'"
     )
     ap.add_argument("--eps", type=json.loads, default={}, help="per-mode override of eps")
+    ap.add_argument(
+        "--clip",
+        type=json.loads,
+        default={},
+        help="per-mode clip_projected_grad (QZO's clipping), e.g. '{\"int8-scales\": 1000}'",
+    )
     ap.add_argument("--tag", default="", help="suffix of the output file")
     args = ap.parse_args()
     host = socket.gethostname()
@@ -499,9 +631,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.part == "plot":
         plot(RESULTS / f"quantized-memory-{host}.json", ROOT / "docs" / "img" / "quantized-memory.png")
+        acc = sorted(RESULTS.glob(f"quantized-accuracy-{host}-final*.json"))  # the runs the docs quote
+        if acc:
+            plot_accuracy(acc, ROOT / "docs" / "img" / "quantized-accuracy.png")
         return
     modes = args.modes or (
-        list(MODES) if args.part == "memory" else [m for m in HYPER if m != "bf16-zo-chunk64k"]
+        # accuracy: bf16 ZO with 64k chunks (the same algorithm; 21 s a step here instead of 130 s)
+        list(MODES) if args.part == "memory" else [m for m in HYPER if m != "bf16-zo"]
     )
     report = {"machine": machine(args.threads), "part": args.part, "modes": {m: MODES[m] for m in modes}}
     report.update(batch=args.batch, seq=args.seq) if args.part == "memory" else report.update(
@@ -512,7 +648,7 @@ def main() -> None:
         "--threads", str(args.threads), "--steps", str(args.steps), "--checkpoints", str(args.checkpoints),
         "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--n-eval", str(args.n_eval),
         "--eval-batch-size", str(args.eval_batch_size), "--seed", str(args.seed),
-        "--lr", json.dumps(args.lr), "--eps", json.dumps(args.eps),
+        "--lr", json.dumps(args.lr), "--eps", json.dumps(args.eps), "--clip", json.dumps(args.clip),
     ]  # fmt: skip
     if args.n_train is not None:
         passthrough += ["--n-train", str(args.n_train)]
@@ -529,7 +665,7 @@ def main() -> None:
         else:
             print(
                 f"{mode:20s} accuracy {r['before']['accuracy']:.3f} -> {r['after']['accuracy']:.3f} "
-                f"({r['gain']:+.3f}) in {r['steps']} steps, lr {r['lr']:g}, {r['train_time_s']:.0f} s",
+                f"({r['gain']:+.3f} +- {r['gain_se_paired']:.3f} paired SE, n {r['after']['n']}) in {r['steps']} steps, lr {r['lr']:g}, {r['train_time_s']:.0f} s",
                 flush=True,
             )
     report["results"] = results

@@ -191,3 +191,39 @@ def test_zo_strategy_trains_the_scales_and_resumes_bit_exactly(tmp_path, backend
     resumed = QuantizedLM(backend)
     fit(resumed, backend, 4, ckpt_path=tmp_path / "step=2.ckpt")
     assert_same(scales_state_dict(resumed.model), final)
+
+
+# ---------------------------------------------------------------------------- QZO's clipping
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_directional_derivative_clipping_is_counted_in_both_loops(tmp_path, backend):
+    """QZO clips the directional derivative: that is ``clip_projected_grad``.  With a bound
+    far below any estimate every step is clipped, the HF log and Lightning's logged metrics
+    carry the count as ``zo_clipped_steps``, and the applied projected gradient is the bound."""
+    from zo_plugins.lightning import ZOStrategy
+
+    clip = 1e-9
+    trainer = ZOTrainer(
+        model=tiny_quantized_llama(backend),
+        args=args_for(tmp_path, learning_rate=LR[backend], max_steps=3),
+        train_dataset=lm_dataset(),
+        zo_config={"eps": EPS[backend], "clip_projected_grad": clip},
+    )
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "zo_clipped_steps" in h]
+    assert [h["zo_clipped_steps"] for h in logged] == [1, 2, 3]
+    assert all(abs(h["projected_grad"]) == pytest.approx(clip) for h in logged)
+
+    module = QuantizedLM(backend)
+    lt = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        strategy=ZOStrategy(eps=EPS[backend], clip_projected_grad=clip),
+    )
+    lt.fit(module, torch.utils.data.DataLoader(lm_dataset(n=12), batch_size=4))
+    assert float(lt.logged_metrics["zo_clipped_steps"]) == 3.0
+    assert abs(float(lt.logged_metrics["projected_grad"])) == pytest.approx(clip)

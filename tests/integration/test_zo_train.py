@@ -177,6 +177,72 @@ def test_fit_a_quantized_model_trains_its_scales(tiny, tmp_path):
         assert torch.equal(state["state_dict"][codes], base_sd[codes.removeprefix("model.")]), codes
 
 
+QUANT_RECIPES = [p for p in RECIPES if "quantization" in (yaml.safe_load(p.read_text())["model"] or {})]
+
+
+def test_the_quantized_recipes_are_shipped():
+    assert {p.stem for p in QUANT_RECIPES} >= {"llama-2-7b-nf4-scales", "llama-2-7b-qlora"}
+
+
+@pytest.mark.parametrize("recipe", QUANT_RECIPES, ids=[p.stem for p in QUANT_RECIPES])
+def test_quantized_recipe_fits_on_a_tiny_model(recipe, tiny, tmp_path):
+    """Each quantized recipe, unchanged but for the model, data and device, loads the model
+    4-bit and trains what it says: the block scales (codes bit-identical) or the adapters
+    (codes and scales bit-identical)."""
+    pytest.importorskip("bitsandbytes")
+    rec = yaml.safe_load(recipe.read_text())
+    adapters = rec["model"].get("peft") is not None
+    main(
+        [
+            "fit", "--config", str(recipe),
+            "--trainer.accelerator", "cpu", "--trainer.max_steps", "2", "--trainer.val_check_interval", "1",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--model.model_name_or_path", str(tiny["model"]), "--model.max_length", "32",
+            "--data.train_file", str(tiny["train"]), "--data.validation_file", str(tiny["validation"]),
+            "--data.text_column", "review", "--data.label_column", "sentiment",
+            "--data.label_map", '{"rotten": 0, "fresh": 1}', "--data.batch_size", "8",
+        ]
+    )  # fmt: skip
+    state = torch.load(next((tmp_path / "run").rglob("*.ckpt")), weights_only=False)
+    sd = state["state_dict"]
+    scales = state["zo_plugins"]["state"].get("scales", {})
+    import transformers as tf
+
+    q = dict(rec["model"]["quantization"])
+    q.pop("method")
+    q["bnb_4bit_compute_dtype"] = getattr(torch, q["bnb_4bit_compute_dtype"])
+    base = tf.AutoModelForCausalLM.from_pretrained(  # quantized from the recipe's dtype, as the run was
+        tiny["model"],
+        dtype=getattr(torch, rec["model"]["dtype"]),
+        quantization_config=tf.BitsAndBytesConfig(**q),
+        device_map="cpu",
+    ).state_dict()
+
+    def saved(k):  # PEFT nests the base model; a LoRA target's own weight becomes base_layer.weight
+        head, _, tail = k.partition(".weight")
+        keys = (
+            f"model.{k}",
+            f"model.base_model.model.{k}",
+            f"model.base_model.model.{head}.base_layer.weight{tail}",
+        )
+        return next((sd[c] for c in keys if c in sd), None)
+
+    codes = [k for k in base if k.endswith("proj.weight")]
+    assert len(codes) == 14
+    for k in codes:  # the packed 4-bit codes never change
+        assert saved(k) is not None and torch.equal(saved(k), base[k]), k
+    if adapters:  # nor, in a ZO QLoRA, the block scales
+        absmax = [k for k in base if k.endswith("proj.weight.absmax")]
+        assert len(absmax) == 14 and all(torch.equal(saved(k), base[k]) for k in absmax)
+        assert not scales, "ZO QLoRA trains no scales"
+        lora_b = [v for k, v in sd.items() if "lora_B" in k]
+        assert len(lora_b) == 4 and all(v.abs().sum() > 0 for v in lora_b), "LoRA B (zero at init) moved"
+    else:
+        assert len(scales) == 14 and all(k.endswith(".weight.absmax") for k in scales)
+        assert all(not torch.equal(v, base[k.removeprefix("model.")]) for k, v in scales.items())
+
+
 def test_quantization_config_errors():
     from zo_plugins.cli.modules import ConfigError, _quantization_config
 
