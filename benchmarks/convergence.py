@@ -587,9 +587,15 @@ def goal_summary(sweep: dict, n_eval: int) -> dict:
         e = {"forwards_per_step": next(iter(runs.values()))["forwards_per_step"],
              "best_final_accuracy": final(runs[best]), "best_final_run": best}
         hits = [(h[0], h[1] if h[1] is not None else float("inf"), k) for k, r in runs.items() if (h := hit(r))]
+        last = runs[best]["curve"][-1]
+        e.update(best_final_spread=[last.get("accuracy_min", last["accuracy"]), last.get("accuracy_max", last["accuracy"])],
+                 best_final_seeds=runs[best].get("seeds", 1))
         if hits:
             f, sec, k = min(hits)
-            e.update(forwards=f, seconds=sec, run=k, lr=runs[k]["lr"], final_accuracy=final(runs[k]))
+            last = runs[k]["curve"][-1]
+            e.update(forwards=f, seconds=sec, run=k, lr=runs[k]["lr"], final_accuracy=final(runs[k]),
+                     final_spread=[last.get("accuracy_min", last["accuracy"]), last.get("accuracy_max", last["accuracy"])],
+                     seeds=runs[k].get("seeds", 1))
         out["methods"][name] = e
     m = out["methods"]["mezo"]
     for e in out["methods"].values():
@@ -605,19 +611,25 @@ def goal_table(goal: dict) -> str:
     """The docs' table of ``goal_summary``."""
     if not goal:
         return ""
-    lines = ["| method | fwd/step | fastest lr | passes to target | x MeZO's | seconds to target | x MeZO's | "
-             "final accuracy (that lr) | best final accuracy (its sweep) | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | fwd/step | fastest lr | seeds | passes to target | x MeZO's | seconds to target | x MeZO's | "
+             "final accuracy (that lr; seed min-max) | best final accuracy (its sweep) | goal met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def acc(v, spread, n):
+        return f"{v:.3f}" + ("" if n <= 1 or not spread else f" ({spread[0]:.3f}-{spread[1]:.3f})")
+
     for name, e in goal["methods"].items():
+        best = (f"{acc(e['best_final_accuracy'], e.get('best_final_spread'), e.get('best_final_seeds', 1))} "
+                f"({e['best_final_run']})")
         if "forwards" in e:
             ratio_s = "-" if e.get("seconds_ratio") is None else f"{e['seconds_ratio']:.2f}"
             lines.append(f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
-                         f"{e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | {ratio_s} | "
-                         f"{e['final_accuracy']:.3f} | {e['best_final_accuracy']:.3f} ({e['best_final_run']}) | "
+                         f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | "
+                         f"{ratio_s} | {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | {best} | "
                          f"{'**yes**' if e['goal_met'] else 'no'} |")
         else:
-            lines.append(f"| {name} | {e['forwards_per_step']} | - | not reached | - | - | - | - | "
-                         f"{e['best_final_accuracy']:.3f} ({e['best_final_run']}) | no |")
+            lines.append(f"| {name} | {e['forwards_per_step']} | - | {e.get('best_final_seeds', 1)} | not reached | "
+                         f"- | - | - | - | {best} | no |")
     lines.append("")
     lines.append(f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
                  f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
@@ -716,6 +728,9 @@ def main() -> None:
     ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
     ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
                     help="--cached: run each variant at these multiples of its lr and report its best")
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT@MULT",
+                    help="--cached --lr-sweep: run only these cells of the variants x sweep grid (each method "
+                         "at the few learning rates that bracket its best); the means cover what ran")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--time-steps", type=int, default=0, metavar="K",
                     help="--cached: instead of training, time K optimizer steps of every variant, "
@@ -724,10 +739,29 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
     ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--plot-dir", type=pathlib.Path, default=ROOT / "docs" / "img")
+    ap.add_argument("--merge-runs", nargs="+", default=None, metavar="RUNS_JSON[:SEEDS]",
+                    help="merge the per-seed runs of these .runs.json files (same base lr/eps; e.g. a seed-0 "
+                         "sweep and a seeds-1-2 run of the contenders), average each run key over the seeds "
+                         "it has, write convergence-<--merged-name>.json, the goal table and plot, exit")
+    ap.add_argument("--merged-name", default="merged", help="--merge-runs: name of the merged report")
     ap.add_argument("--report", type=pathlib.Path, nargs="+", default=None,
                     help="print the markdown table of results JSONs (same task and settings; later "
                          "files add variants, e.g. runs made in two sittings), redraw the plot, exit")
     args = ap.parse_args()
+    if args.merge_runs is not None:
+        sweep, settings = merge_runs(args.merge_runs)
+        n_eval = next(iter(sweep.values()))["curve"][-1]["n"]
+        goal = goal_summary(sweep, n_eval)
+        args.output.mkdir(parents=True, exist_ok=True)
+        out = args.output / f"convergence-{args.merged_name}.json"
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "merged_from": args.merge_runs, **settings,
+                                   "n_eval": n_eval, "goal": goal, "sweep_results": sweep}, indent=2))
+        print(goal_table(goal))
+        png = args.plot_dir / f"convergence-{args.merged_name}-goal.png"
+        if goal and plot_goal(sweep, goal, png, args.merged_name):
+            print(f"plot: {png}")
+        print(f"wrote {out}")
+        return
     if args.report is not None:
         report = json.loads(args.report[0].read_text())
         for extra in args.report[1:]:
@@ -850,6 +884,8 @@ def main() -> None:
             for name in args.variants:
                 for m in sweep:
                     key = name if len(sweep) == 1 else f"{name}@{m:g}"
+                    if args.only and key not in args.only:
+                        continue
                     r = per_seed[-1][key] = run_variant_cached(name, args, task, seed, m)
                     print(f"  seed {seed} {key:26s} acc {r['curve'][0]['accuracy']:.3f} -> "
                           f"{r['curve'][-1]['accuracy']:.3f}  ({r['train_time_s']:.0f} s)", flush=True)
@@ -858,7 +894,10 @@ def main() -> None:
                         checked_trained = True
                     write_runs(args, per_seed)
         results = mean_curves(per_seed)
-        if len(sweep) > 1:
+        if len(sweep) > 1 and args.only:  # a partial grid: the merged report (--merge-runs) reads it
+            args.sweep_results = results
+            results = {}
+        elif len(sweep) > 1:
             # each variant at its best learning rate of the sweep (highest mean final accuracy;
             # chosen on the evaluation split for every variant alike, MeZO included)
             args.sweep_results = results
@@ -932,7 +971,42 @@ def write_runs(args, per_seed: list[dict]) -> None:
     a long sweep that is stopped keeps what it did)."""
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"convergence-{report_tag(args)}.runs.json"
-    out.write_text(json.dumps({"lr": args.lr, "eps": args.eps, "runs": per_seed}, indent=1))
+    seeds = (args.seeds or [args.seed])[: len(per_seed)]
+    out.write_text(json.dumps({"lr": args.lr, "eps": args.eps, "seeds": seeds, "runs": per_seed}, indent=1))
+
+
+def merge_runs(files: list[str]) -> tuple[dict, dict]:
+    """The per-seed runs of several ``.runs.json`` files (e.g. a seed-0 sweep and a later
+    seeds-1-2 run of the contenders) as one sweep: for every run key (``variant@multiplier``),
+    the mean curve over every seed any file holds for it.  ``FILE:0,1,2`` names the seeds of a
+    file written before the seeds were recorded (default: its ``seeds``, else 0, 1, ...).  A
+    seed run twice for one key, or files with another base lr / eps, are refused.  Returns the
+    merged sweep (each run with ``seeds``: how many, and ``seed_list``) and the settings."""
+    by_key: dict[str, dict[int, dict]] = {}
+    settings = None
+    for item in files:
+        path, _, seeds = item.partition(":")
+        data = json.loads(pathlib.Path(path).read_text())
+        mine = {"lr": data["lr"], "eps": data["eps"]}
+        if settings is not None and mine != settings:
+            raise SystemExit(f"{path}: lr/eps {mine} differ from {settings}; not merged.")
+        settings = mine
+        seed_list = ([int(x) for x in seeds.split(",")] if seeds else data.get("seeds")
+                     or list(range(len(data["runs"]))))
+        if len(seed_list) != len(data["runs"]):
+            raise SystemExit(f"{path}: {len(data['runs'])} seeds of runs, {len(seed_list)} seeds named.")
+        for seed, runs in zip(seed_list, data["runs"]):
+            for key, r in runs.items():
+                if seed in by_key.setdefault(key, {}):
+                    raise SystemExit(f"{key} seed {seed} appears twice ({path}).")
+                by_key[key][seed] = r
+    sweep = {}
+    for key, per in by_key.items():
+        seeds = sorted(per)
+        m = mean_curves([{key: per[s]} for s in seeds])[key]
+        m["seed_list"] = seeds
+        sweep[key] = m
+    return sweep, settings or {}
 
 
 def write_report(args, results: dict, n_eval: int, final: bool) -> None:
@@ -959,12 +1033,13 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
         frac = "-" if v["fraction_of_mezo_budget"] is None else f"{v['fraction_of_mezo_budget']:.2f}"
         hit = "-" if v["forwards_to_mezo_accuracy"] is None else str(v["forwards_to_mezo_accuracy"])
         print(f"{name:22s} {v['final_accuracy']:9.3f} {hit:>16s} {frac:>9s}")
-    print("\n" + markdown_table(report) + "\n")
+    if results:
+        print("\n" + markdown_table(report) + "\n")
     if summary:
         print(f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
               f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)")
     png = args.plot_dir / f"convergence-{report_tag(args)}.png"
-    if plot(results, png):
+    if results and plot(results, png):
         print(f"plot: {png}")
     if goal:
         print("\n" + goal_table(goal) + "\n")
