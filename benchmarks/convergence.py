@@ -556,7 +556,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def goal_summary(sweep: dict, n_eval: int) -> dict:
+def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dict:
     """Issue 14's question over a learning-rate sweep.  The target is MeZO's best accuracy: its
     highest seed-mean final accuracy over its learning rates.  For every method, over its
     learning rates: the forward passes and the training seconds (optimizer steps only,
@@ -604,6 +604,14 @@ def goal_summary(sweep: dict, n_eval: int) -> dict:
             e["seconds_ratio"] = e["seconds"] / m["seconds"] if m["seconds"] else None
             e["goal_met"] = bool(e["forwards_ratio"] <= 1 / 3 + 1e-9 and e["seconds_ratio"] is not None
                                  and e["seconds_ratio"] <= 0.5 and e["final_accuracy"] >= target - se)
+    # runs made minutes apart on a shared machine see different loads: the passes to the target
+    # times each method's median seconds per pass from one interleaved timing (--time-steps)
+    # compare the methods at one load
+    for name, e in out["methods"].items():
+        if step_cost and name in step_cost and "mezo" in step_cost and "forwards" in e and "forwards" in m:
+            e["seconds_at_step_cost"] = e["forwards"] * step_cost[name]["median_s_per_forward"]
+            e["seconds_at_step_cost_ratio"] = e["seconds_at_step_cost"] / (
+                m["forwards"] * step_cost["mezo"]["median_s_per_forward"])
     return out
 
 
@@ -611,9 +619,11 @@ def goal_table(goal: dict) -> str:
     """The docs' table of ``goal_summary``."""
     if not goal:
         return ""
+    timed = any("seconds_at_step_cost_ratio" in e for e in goal["methods"].values())
     lines = ["| method | fwd/step | fastest lr | seeds | passes to target | x MeZO's | seconds to target | x MeZO's | "
-             "final accuracy (that lr; seed min-max) | best final accuracy (its sweep) | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             + ("x MeZO's at one load (interleaved step cost) | " if timed else "")
+             + "final accuracy (that lr; seed min-max) | best final accuracy (its sweep) | goal met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
 
     def acc(v, spread, n):
         return f"{v:.3f}" + ("" if n <= 1 or not spread else f" ({spread[0]:.3f}-{spread[1]:.3f})")
@@ -623,13 +633,15 @@ def goal_table(goal: dict) -> str:
                 f"({e['best_final_run']})")
         if "forwards" in e:
             ratio_s = "-" if e.get("seconds_ratio") is None else f"{e['seconds_ratio']:.2f}"
+            at_cost = "" if not timed else (
+                " - |" if "seconds_at_step_cost_ratio" not in e else f" {e['seconds_at_step_cost_ratio']:.2f} |")
             lines.append(f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
                          f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | "
-                         f"{ratio_s} | {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | {best} | "
-                         f"{'**yes**' if e['goal_met'] else 'no'} |")
+                         f"{ratio_s} |{at_cost} {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | "
+                         f"{best} | {'**yes**' if e['goal_met'] else 'no'} |")
         else:
             lines.append(f"| {name} | {e['forwards_per_step']} | - | {e.get('best_final_seeds', 1)} | not reached | "
-                         f"- | - | - | - | {best} | no |")
+                         f"- | - | - |{' - |' if timed else ''} - | {best} | no |")
     lines.append("")
     lines.append(f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
                  f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
@@ -749,6 +761,9 @@ def main() -> None:
                          "sweep and a seeds-1-2 run of the contenders), average each run key over the seeds "
                          "it has, write convergence-<--merged-name>.json, the goal table and plot, exit")
     ap.add_argument("--merged-name", default="merged", help="--merge-runs: name of the merged report")
+    ap.add_argument("--step-times", type=pathlib.Path, default=None, metavar="STEP_TIMES_JSON",
+                    help="--merge-runs: also give the seconds ratio at one load: passes to the target times "
+                         "each method's median seconds per pass from this --time-steps file")
     ap.add_argument("--report", type=pathlib.Path, nargs="+", default=None,
                     help="print the markdown table of results JSONs (same task and settings; later "
                          "files add variants, e.g. runs made in two sittings), redraw the plot, exit")
@@ -756,7 +771,8 @@ def main() -> None:
     if args.merge_runs is not None:
         sweep, settings = merge_runs(args.merge_runs)
         n_eval = next(iter(sweep.values()))["curve"][-1]["n"]
-        goal = goal_summary(sweep, n_eval)
+        step_cost = json.loads(args.step_times.read_text())["variants"] if args.step_times else None
+        goal = goal_summary(sweep, n_eval, step_cost)
         args.output.mkdir(parents=True, exist_ok=True)
         out = args.output / f"convergence-{args.merged_name}.json"
         out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "merged_from": args.merge_runs, **settings,

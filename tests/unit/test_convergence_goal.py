@@ -47,6 +47,13 @@ def test_fastest_lr_is_compared_with_mezo_fastest_and_all_three_conditions_decid
     assert not m["drops"]["goal_met"], "a final accuracy more than one standard error below the target fails"
     table = conv.goal_table(goal)
     assert table.count("**yes**") == 1
+    # at one load: passes to the target x each method's interleaved seconds per pass
+    cost = {"mezo": {"median_s_per_forward": 0.1}, "dear": {"median_s_per_forward": 0.1}}
+    timed = conv.goal_summary(sweep, 300, cost)["methods"]
+    assert timed["dear"]["seconds_at_step_cost_ratio"] == pytest.approx(1 / 3), "its load, not its pass cost"
+    assert "seconds_at_step_cost_ratio" not in timed["fast"], "untimed methods get none"
+    assert timed["dear"]["goal_met"] is False
+    assert "interleaved" in conv.goal_table(conv.goal_summary(sweep, 300, cost))
 
 
 def test_merge_runs_averages_seeds_across_files_and_refuses_a_seed_twice(conv, tmp_path):
