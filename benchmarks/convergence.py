@@ -650,7 +650,7 @@ def goal_table(goal: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "") -> bool:
+def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step_cost: dict | None = None) -> bool:
     """Accuracy against forward passes and against training seconds, each method at the learning
     rate of ``goal_table`` (its fastest to the target, else its best final accuracy)."""
     try:
@@ -661,16 +661,22 @@ def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "") -> b
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    at_cost = bool(step_cost) and all(name in step_cost for name in goal["methods"])
     for i, (name, e) in enumerate(goal["methods"].items()):
         r = sweep[e.get("run", e["best_final_run"])]
         style = dict(marker="o", markersize=3, linestyle="-" if i < 10 else "--", label=f"{name} ({e.get('run', e['best_final_run']).rsplit('@', 1)[-1]}x)")
         accs = [c["accuracy"] for c in r["curve"]]
         axes[0].plot([c["forwards"] for c in r["curve"]], accs, **style)
-        axes[1].plot([c.get("train_s", float("nan")) for c in r["curve"]], accs, **style)
+        if at_cost:  # one load for every method: passes x its interleaved seconds per pass
+            xs = [c["forwards"] * step_cost[name]["median_s_per_forward"] for c in r["curve"]]
+        else:
+            xs = [c.get("train_s", float("nan")) for c in r["curve"]]
+        axes[1].plot(xs, accs, **style)
     for ax in axes:
         ax.axhline(goal["target"], color="grey", linewidth=0.8, linestyle=":")
     axes[0].set(xlabel="forward passes", ylabel="held-out accuracy (seed mean)", title=title)
-    axes[1].set(xlabel="training seconds (evaluations excluded)", ylabel="held-out accuracy (seed mean)")
+    axes[1].set(xlabel="seconds at one load (passes x interleaved s/pass)" if at_cost else
+                "training seconds (evaluations excluded)", ylabel="held-out accuracy (seed mean)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -779,7 +785,7 @@ def main() -> None:
                                    "n_eval": n_eval, "goal": goal, "sweep_results": sweep}, indent=2))
         print(goal_table(goal))
         png = args.plot_dir / f"convergence-{args.merged_name}-goal.png"
-        if goal and plot_goal(sweep, goal, png, args.merged_name):
+        if goal and plot_goal(sweep, goal, png, args.merged_name, step_cost):
             print(f"plot: {png}")
         print(f"wrote {out}")
         return
