@@ -16,6 +16,13 @@ forward; the JSON records each run's training time).
     python benchmarks/convergence.py --cached --trainable full --top-blocks 2 --lr 3e-4 --eps 1e-3 \
         --budget 300 --checkpoints 10 --lr-sweep 0.3 1 3
 
+    # a few cells of the grid per sitting, then seed means over the sittings (issue 14's sweep;
+    # --step-times adds the seconds ratio at one load from a --time-steps file)
+    python benchmarks/convergence.py --cached --trainable lora --lr 2e-2 --seeds 1 --lr-sweep 1 2 3 \
+        --only mezo@1 fzoo-batched@3 --variants mezo fzoo-batched --tag issue14-seed1 --check-full none
+    python benchmarks/convergence.py --merge-runs benchmarks/results/convergence-lora-top2-cached-issue14-seed{0,1}.runs.json \
+        --merged-name lora-top2-issue14 --step-times benchmarks/results/step-times-lora-top2-cached-issue14.json
+
 Writes ``benchmarks/results/convergence-<trainable>.json``, a table on stdout and, when
 matplotlib is installed, ``docs/img/convergence-<trainable>.png`` (accuracy and loss vs forward
 passes). The summary says, for each variant, after how many forward passes it first reached
