@@ -16,6 +16,13 @@ forward; the JSON records each run's training time).
     python benchmarks/convergence.py --cached --trainable full --top-blocks 2 --lr 3e-4 --eps 1e-3 \
         --budget 300 --checkpoints 10 --lr-sweep 0.3 1 3
 
+    # a few cells of the grid per sitting, then seed means over the sittings (issue 14's sweep;
+    # --step-times adds the seconds ratio at one load from a --time-steps file)
+    python benchmarks/convergence.py --cached --trainable lora --lr 2e-2 --seeds 1 --lr-sweep 1 2 3 \
+        --only mezo@1 fzoo-batched@3 --variants mezo fzoo-batched --tag issue14-seed1 --check-full none
+    python benchmarks/convergence.py --merge-runs benchmarks/results/convergence-lora-top2-cached-issue14-seed{0,1}.runs.json \
+        --merged-name lora-top2-issue14 --step-times benchmarks/results/step-times-lora-top2-cached-issue14.json
+
 Writes ``benchmarks/results/convergence-<trainable>.json``, a table on stdout and, when
 matplotlib is installed, ``docs/img/convergence-<trainable>.png`` (accuracy and loss vs forward
 passes). The summary says, for each variant, after how many forward passes it first reached
@@ -556,7 +563,7 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def goal_summary(sweep: dict, n_eval: int) -> dict:
+def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dict:
     """Issue 14's question over a learning-rate sweep.  The target is MeZO's best accuracy: its
     highest seed-mean final accuracy over its learning rates.  For every method, over its
     learning rates: the forward passes and the training seconds (optimizer steps only,
@@ -587,9 +594,15 @@ def goal_summary(sweep: dict, n_eval: int) -> dict:
         e = {"forwards_per_step": next(iter(runs.values()))["forwards_per_step"],
              "best_final_accuracy": final(runs[best]), "best_final_run": best}
         hits = [(h[0], h[1] if h[1] is not None else float("inf"), k) for k, r in runs.items() if (h := hit(r))]
+        last = runs[best]["curve"][-1]
+        e.update(best_final_spread=[last.get("accuracy_min", last["accuracy"]), last.get("accuracy_max", last["accuracy"])],
+                 best_final_seeds=runs[best].get("seeds", 1))
         if hits:
             f, sec, k = min(hits)
-            e.update(forwards=f, seconds=sec, run=k, lr=runs[k]["lr"], final_accuracy=final(runs[k]))
+            last = runs[k]["curve"][-1]
+            e.update(forwards=f, seconds=sec, run=k, lr=runs[k]["lr"], final_accuracy=final(runs[k]),
+                     final_spread=[last.get("accuracy_min", last["accuracy"]), last.get("accuracy_max", last["accuracy"])],
+                     seeds=runs[k].get("seeds", 1))
         out["methods"][name] = e
     m = out["methods"]["mezo"]
     for e in out["methods"].values():
@@ -598,6 +611,14 @@ def goal_summary(sweep: dict, n_eval: int) -> dict:
             e["seconds_ratio"] = e["seconds"] / m["seconds"] if m["seconds"] else None
             e["goal_met"] = bool(e["forwards_ratio"] <= 1 / 3 + 1e-9 and e["seconds_ratio"] is not None
                                  and e["seconds_ratio"] <= 0.5 and e["final_accuracy"] >= target - se)
+    # runs made minutes apart on a shared machine see different loads: the passes to the target
+    # times each method's median seconds per pass from one interleaved timing (--time-steps)
+    # compare the methods at one load
+    for name, e in out["methods"].items():
+        if step_cost and name in step_cost and "mezo" in step_cost and "forwards" in e and "forwards" in m:
+            e["seconds_at_step_cost"] = e["forwards"] * step_cost[name]["median_s_per_forward"]
+            e["seconds_at_step_cost_ratio"] = e["seconds_at_step_cost"] / (
+                m["forwards"] * step_cost["mezo"]["median_s_per_forward"])
     return out
 
 
@@ -605,19 +626,29 @@ def goal_table(goal: dict) -> str:
     """The docs' table of ``goal_summary``."""
     if not goal:
         return ""
-    lines = ["| method | fwd/step | fastest lr | passes to target | x MeZO's | seconds to target | x MeZO's | "
-             "final accuracy (that lr) | best final accuracy (its sweep) | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    timed = any("seconds_at_step_cost_ratio" in e for e in goal["methods"].values())
+    lines = ["| method | fwd/step | fastest lr | seeds | passes to target | x MeZO's | seconds to target | x MeZO's | "
+             + ("x MeZO's at one load (interleaved step cost) | " if timed else "")
+             + "final accuracy (that lr; seed min-max) | best final accuracy (its sweep) | goal met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
+
+    def acc(v, spread, n):
+        return f"{v:.3f}" + ("" if n <= 1 or not spread else f" ({spread[0]:.3f}-{spread[1]:.3f})")
+
     for name, e in goal["methods"].items():
+        best = (f"{acc(e['best_final_accuracy'], e.get('best_final_spread'), e.get('best_final_seeds', 1))} "
+                f"({e['best_final_run']})")
         if "forwards" in e:
             ratio_s = "-" if e.get("seconds_ratio") is None else f"{e['seconds_ratio']:.2f}"
+            at_cost = "" if not timed else (
+                " - |" if "seconds_at_step_cost_ratio" not in e else f" {e['seconds_at_step_cost_ratio']:.2f} |")
             lines.append(f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
-                         f"{e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | {ratio_s} | "
-                         f"{e['final_accuracy']:.3f} | {e['best_final_accuracy']:.3f} ({e['best_final_run']}) | "
-                         f"{'**yes**' if e['goal_met'] else 'no'} |")
+                         f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | "
+                         f"{ratio_s} |{at_cost} {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | "
+                         f"{best} | {'**yes**' if e['goal_met'] else 'no'} |")
         else:
-            lines.append(f"| {name} | {e['forwards_per_step']} | - | not reached | - | - | - | - | "
-                         f"{e['best_final_accuracy']:.3f} ({e['best_final_run']}) | no |")
+            lines.append(f"| {name} | {e['forwards_per_step']} | - | {e.get('best_final_seeds', 1)} | not reached | "
+                         f"- | - | - |{' - |' if timed else ''} - | {best} | no |")
     lines.append("")
     lines.append(f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
                  f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
@@ -626,7 +657,7 @@ def goal_table(goal: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "") -> bool:
+def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step_cost: dict | None = None) -> bool:
     """Accuracy against forward passes and against training seconds, each method at the learning
     rate of ``goal_table`` (its fastest to the target, else its best final accuracy)."""
     try:
@@ -637,16 +668,22 @@ def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "") -> b
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    at_cost = bool(step_cost) and all(name in step_cost for name in goal["methods"])
     for i, (name, e) in enumerate(goal["methods"].items()):
         r = sweep[e.get("run", e["best_final_run"])]
         style = dict(marker="o", markersize=3, linestyle="-" if i < 10 else "--", label=f"{name} ({e.get('run', e['best_final_run']).rsplit('@', 1)[-1]}x)")
         accs = [c["accuracy"] for c in r["curve"]]
         axes[0].plot([c["forwards"] for c in r["curve"]], accs, **style)
-        axes[1].plot([c.get("train_s", float("nan")) for c in r["curve"]], accs, **style)
+        if at_cost:  # one load for every method: passes x its interleaved seconds per pass
+            xs = [c["forwards"] * step_cost[name]["median_s_per_forward"] for c in r["curve"]]
+        else:
+            xs = [c.get("train_s", float("nan")) for c in r["curve"]]
+        axes[1].plot(xs, accs, **style)
     for ax in axes:
         ax.axhline(goal["target"], color="grey", linewidth=0.8, linestyle=":")
     axes[0].set(xlabel="forward passes", ylabel="held-out accuracy (seed mean)", title=title)
-    axes[1].set(xlabel="training seconds (evaluations excluded)", ylabel="held-out accuracy (seed mean)")
+    axes[1].set(xlabel="seconds at one load (passes x interleaved s/pass)" if at_cost else
+                "training seconds (evaluations excluded)", ylabel="held-out accuracy (seed mean)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -716,6 +753,14 @@ def main() -> None:
     ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
     ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
                     help="--cached: run each variant at these multiples of its lr and report its best")
+    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT@MULT",
+                    help="--cached --lr-sweep: run only these cells of the variants x sweep grid (each method "
+                         "at the few learning rates that bracket its best); the means cover what ran")
+    ap.add_argument("--check-full", choices=["both", "before", "none"], default="both",
+                    help="--cached lora/full: check the cached evaluation against the real 30-layer model "
+                         "before training and after the first run (both), before training only, or not at "
+                         "all (a follow-up run on a cache already checked; each check is a full-model "
+                         "evaluation: minutes on a loaded 2-core machine)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--time-steps", type=int, default=0, metavar="K",
                     help="--cached: instead of training, time K optimizer steps of every variant, "
@@ -724,10 +769,33 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
     ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--plot-dir", type=pathlib.Path, default=ROOT / "docs" / "img")
+    ap.add_argument("--merge-runs", nargs="+", default=None, metavar="RUNS_JSON[:SEEDS]",
+                    help="merge the per-seed runs of these .runs.json files (same base lr/eps; e.g. a seed-0 "
+                         "sweep and a seeds-1-2 run of the contenders), average each run key over the seeds "
+                         "it has, write convergence-<--merged-name>.json, the goal table and plot, exit")
+    ap.add_argument("--merged-name", default="merged", help="--merge-runs: name of the merged report")
+    ap.add_argument("--step-times", type=pathlib.Path, default=None, metavar="STEP_TIMES_JSON",
+                    help="--merge-runs: also give the seconds ratio at one load: passes to the target times "
+                         "each method's median seconds per pass from this --time-steps file")
     ap.add_argument("--report", type=pathlib.Path, nargs="+", default=None,
                     help="print the markdown table of results JSONs (same task and settings; later "
                          "files add variants, e.g. runs made in two sittings), redraw the plot, exit")
     args = ap.parse_args()
+    if args.merge_runs is not None:
+        sweep, settings = merge_runs(args.merge_runs)
+        n_eval = next(iter(sweep.values()))["curve"][-1]["n"]
+        step_cost = json.loads(args.step_times.read_text())["variants"] if args.step_times else None
+        goal = goal_summary(sweep, n_eval, step_cost)
+        args.output.mkdir(parents=True, exist_ok=True)
+        out = args.output / f"convergence-{args.merged_name}.json"
+        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "merged_from": args.merge_runs, **settings,
+                                   "n_eval": n_eval, "goal": goal, "sweep_results": sweep}, indent=2))
+        print(goal_table(goal))
+        png = args.plot_dir / f"convergence-{args.merged_name}-goal.png"
+        if goal and plot_goal(sweep, goal, png, args.merged_name, step_cost):
+            print(f"plot: {png}")
+        print(f"wrote {out}")
+        return
     if args.report is not None:
         report = json.loads(args.report[0].read_text())
         for extra in args.report[1:]:
@@ -830,8 +898,9 @@ def main() -> None:
         # the cached path must evaluate exactly what the full model evaluates: before training,
         # and (for the top-blocks path, whose weights are the model's own) after the first run
         task.fresh()
-        check_same("before training", task.evaluate(), full_model_eval(), n_cached[1])
-        if isinstance(task, TopBlocksTask):  # and the training loss is the demo's objective on the real model
+        if args.check_full != "none":
+            check_same("before training", task.evaluate(), full_model_eval(), n_cached[1])
+        if isinstance(task, TopBlocksTask) and args.check_full != "none":  # the demo's objective on the real model
             idx = torch.arange(args.batch_size)
             with torch.no_grad():
                 cached_loss = float(task.closure(idx)())
@@ -850,15 +919,20 @@ def main() -> None:
             for name in args.variants:
                 for m in sweep:
                     key = name if len(sweep) == 1 else f"{name}@{m:g}"
+                    if args.only and key not in args.only:
+                        continue
                     r = per_seed[-1][key] = run_variant_cached(name, args, task, seed, m)
                     print(f"  seed {seed} {key:26s} acc {r['curve'][0]['accuracy']:.3f} -> "
                           f"{r['curve'][-1]['accuracy']:.3f}  ({r['train_time_s']:.0f} s)", flush=True)
-                    if isinstance(task, TopBlocksTask) and not checked_trained:
+                    if isinstance(task, TopBlocksTask) and not checked_trained and args.check_full == "both":
                         check_same(f"after {key}, seed {seed}", r["curve"][-1], full_model_eval(), n_cached[1])
                         checked_trained = True
                     write_runs(args, per_seed)
         results = mean_curves(per_seed)
-        if len(sweep) > 1:
+        if len(sweep) > 1 and args.only:  # a partial grid: the merged report (--merge-runs) reads it
+            args.sweep_results = results
+            results = {}
+        elif len(sweep) > 1:
             # each variant at its best learning rate of the sweep (highest mean final accuracy;
             # chosen on the evaluation split for every variant alike, MeZO included)
             args.sweep_results = results
@@ -932,7 +1006,42 @@ def write_runs(args, per_seed: list[dict]) -> None:
     a long sweep that is stopped keeps what it did)."""
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"convergence-{report_tag(args)}.runs.json"
-    out.write_text(json.dumps({"lr": args.lr, "eps": args.eps, "runs": per_seed}, indent=1))
+    seeds = (args.seeds or [args.seed])[: len(per_seed)]
+    out.write_text(json.dumps({"lr": args.lr, "eps": args.eps, "seeds": seeds, "runs": per_seed}, indent=1))
+
+
+def merge_runs(files: list[str]) -> tuple[dict, dict]:
+    """The per-seed runs of several ``.runs.json`` files (e.g. a seed-0 sweep and a later
+    seeds-1-2 run of the contenders) as one sweep: for every run key (``variant@multiplier``),
+    the mean curve over every seed any file holds for it.  ``FILE:0,1,2`` names the seeds of a
+    file written before the seeds were recorded (default: its ``seeds``, else 0, 1, ...).  A
+    seed run twice for one key, or files with another base lr / eps, are refused.  Returns the
+    merged sweep (each run with ``seeds``: how many, and ``seed_list``) and the settings."""
+    by_key: dict[str, dict[int, dict]] = {}
+    settings = None
+    for item in files:
+        path, _, seeds = item.partition(":")
+        data = json.loads(pathlib.Path(path).read_text())
+        mine = {"lr": data["lr"], "eps": data["eps"]}
+        if settings is not None and mine != settings:
+            raise SystemExit(f"{path}: lr/eps {mine} differ from {settings}; not merged.")
+        settings = mine
+        seed_list = ([int(x) for x in seeds.split(",")] if seeds else data.get("seeds")
+                     or list(range(len(data["runs"]))))
+        if len(seed_list) != len(data["runs"]):
+            raise SystemExit(f"{path}: {len(data['runs'])} seeds of runs, {len(seed_list)} seeds named.")
+        for seed, runs in zip(seed_list, data["runs"]):
+            for key, r in runs.items():
+                if seed in by_key.setdefault(key, {}):
+                    raise SystemExit(f"{key} seed {seed} appears twice ({path}).")
+                by_key[key][seed] = r
+    sweep = {}
+    for key, per in by_key.items():
+        seeds = sorted(per)
+        m = mean_curves([{key: per[s]} for s in seeds])[key]
+        m["seed_list"] = seeds
+        sweep[key] = m
+    return sweep, settings or {}
 
 
 def write_report(args, results: dict, n_eval: int, final: bool) -> None:
@@ -959,12 +1068,13 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
         frac = "-" if v["fraction_of_mezo_budget"] is None else f"{v['fraction_of_mezo_budget']:.2f}"
         hit = "-" if v["forwards_to_mezo_accuracy"] is None else str(v["forwards_to_mezo_accuracy"])
         print(f"{name:22s} {v['final_accuracy']:9.3f} {hit:>16s} {frac:>9s}")
-    print("\n" + markdown_table(report) + "\n")
+    if results:
+        print("\n" + markdown_table(report) + "\n")
     if summary:
         print(f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
               f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)")
     png = args.plot_dir / f"convergence-{report_tag(args)}.png"
-    if plot(results, png):
+    if results and plot(results, png):
         print(f"plot: {png}")
     if goal:
         print("\n" + goal_table(goal) + "\n")

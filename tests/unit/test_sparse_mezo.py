@@ -66,3 +66,33 @@ def test_initial_thresholds_travel_with_the_checkpoint_and_the_run_replays(tmp_p
     assert_bit_identical(start, params_snapshot(fresh))
     replay(fresh, log)
     assert_bit_identical(ref, params_snapshot(fresh))
+
+
+def test_a_zero_initialised_tensor_gets_threshold_zero_warns_and_stops_after_one_update():
+    """LoRA's B starts at 0: its initial threshold is 0, the first update moves every element
+    off 0, and |θ| <= 0 then selects none -- the run warns; 'per-step' keeps training it."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.A = nn.Parameter(torch.randn(4, 8) * 0.5)
+    model.B = nn.Parameter(torch.zeros(8, 4))
+    x, y = torch.randn(16, 8), torch.randn(16, 8)
+
+    def loss():
+        return (x @ model.A.T @ model.B.T - y).pow(2).mean()
+
+    opt = ZOOptimizer(model, lr=1e-1, eps=1e-2, sparsity=0.75)
+    with pytest.warns(UserWarning, match="'B'.*threshold is 0"):
+        opt.step(loss)
+    assert opt._thresholds["B"] == 0.0 and opt._thresholds["A"] > 0
+    assert (model.B.detach() != 0).all(), "the first step moves every zero element"
+    before = model.B.detach().clone()
+    for _ in range(3):
+        opt.step(loss)
+    assert torch.equal(model.B.detach(), before), "then none is selected again"
+
+    model.B.data.zero_()
+    per_step = ZOOptimizer(model, lr=1e-1, eps=1e-2, sparsity=0.75, sparsity_threshold="per-step")
+    per_step.step(loss)
+    before = model.B.detach().clone()
+    per_step.step(loss)
+    assert not torch.equal(model.B.detach(), before), "per-step re-estimates h and keeps training B"

@@ -18,6 +18,7 @@ mask here selects weights, and the same mask gates the perturbation and the upda
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -87,6 +88,16 @@ def sparsity_mask(
                 raise ValueError("sparsity_threshold='initial' needs the run's threshold cache.")
             if spec.name not in thresholds:
                 thresholds[spec.name] = initial_threshold(spec, s)
+                if thresholds[spec.name] == 0.0:
+                    # e.g. LoRA's B (initialised to 0): |θ| <= 0 selects every zero element, and
+                    # once the first update has moved them none is ever selected again
+                    warnings.warn(
+                        f"sparsity_threshold='initial': {spec.name!r} has at least {1 - s:.0%} zero "
+                        "elements at the first step (LoRA's B, a zero-initialised bias), so its "
+                        "threshold is 0 and it stops training after its first update; use "
+                        "sparsity_threshold='per-step' or leave it out of the trainable set.",
+                        stacklevel=2,
+                    )
             return MagnitudeMask(spec.param, thresholds[spec.name])
         return MagnitudeMask(spec.param, magnitude_threshold(spec, s, step_seed(config.seed, step)))
     epoch_seed = mix64(config.seed, step // config.sparsity_resample_every, _SALT)
