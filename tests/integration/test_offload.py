@@ -160,6 +160,45 @@ def test_the_first_step_reads_each_block_once_and_leaves_no_page_resident(tmp_pa
     assert opt.offload.sumsq is None  # measured once
 
 
+def test_a_fallback_in_the_middle_of_the_doubled_forward_keeps_offload_exact(tmp_path, caplog):
+    """A model whose forward cannot run on the doubled batch (here a hook on the first block
+    indexes a tensor of the batch's size; TRL's SFTTrainer did the same) fails the one-visit
+    pass after some blocks arrived; the step falls back to one forward per perturbation. The
+    blocks' arrivals during that first watched forward (their weight norm, later their pending
+    update) are the offload's own reads: no block tensor may be taken for one the model reads
+    outside its module, or its perturbed copy would be made before its update arrives."""
+    b = tiny_batch("llama")
+    rows = torch.arange(b["input_ids"].shape[0])
+
+    def build():
+        m = tiny("llama", 0.0)
+        first = find_blocks(m)[1][0]
+
+        def batch_sized(mod, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rows[hidden.shape[0] - 1]  # IndexError on the doubled batch, before any block arrived
+
+        first.register_forward_pre_hook(batch_sized, with_kwargs=True)
+        return m
+
+    def train(m, **kw):
+        opt = ZOOptimizer(m, lr=1e-2, eps=1e-3, seed=1, **kw)
+        for _ in range(3):
+            opt.step(lambda: m(**b).loss)
+        opt.flush()
+        return opt
+
+    ref = build()
+    train(ref, schedule="per-forward")
+    m = build()
+    with caplog.at_level(logging.WARNING, logger="zo_plugins"):
+        opt = train(m, offload="disk", offload_dir=str(tmp_path))
+    assert "IndexError in the doubled forward" in caplog.text and opt.perturber.dual_off
+    assert_bit_identical(params_snapshot(ref), params_snapshot(m))
+    block_params = {id(p) for blk in find_blocks(m)[1] for p in blk.parameters()}
+    assert not (opt.perturber.eager & block_params)
+
+
 def _objective_runs(closure_of, **kw):
     m = tiny("opt", 0.0)
     b = tiny_batch("llama")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .passes import ParamSpec
+from .passes import ParamSpec, internal_reads
 
 __all__ = ["find_blocks", "BlockOffload", "OFFLOAD_MODES", "materialize_on_disk"]
 
@@ -228,10 +228,17 @@ class BlockOffload:
                 "update-on-arrival schedule applies."
             )
         for i, b in enumerate(self.blocks):
-            self._handles.append(b.register_forward_pre_hook(lambda m, a, i=i: self.arrive(i)))
+            self._handles.append(b.register_forward_pre_hook(lambda m, a, i=i: self._internal(self.arrive, i)))
             self._handles.append(
-                b.register_forward_hook(lambda m, a, o, i=i: self.depart(i), always_call=True)
+                b.register_forward_hook(lambda m, a, o, i=i: self._internal(self.depart, i), always_call=True)
             )
+
+    @staticmethod
+    def _internal(fn: Callable[[int], None], i: int) -> None:
+        # the hooks run inside the model's forward: the update, norm and copies they make of the
+        # block's tensors are not the model reading them outside their modules (core.perturbation)
+        with internal_reads():
+            fn(i)
 
     # ------------------------------------------------------------------ placement
     def _named(self, i: int) -> list[tuple[nn.Module, str, torch.Tensor]]:

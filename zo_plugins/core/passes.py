@@ -11,7 +11,9 @@ A *term* is ``(seed, coeff)`` and stands for ``coeff * z(seed)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,25 @@ import torch
 
 from .noise import fill_direction_
 from .rounding import HALF_DTYPES, stochastic_round_
+
+_INTERNAL = threading.local()
+
+
+@contextmanager
+def internal_reads() -> Iterator[None]:
+    """The core reading or writing its own tensors inside a forward -- an offloaded block's
+    arrival (its pending update, its weight norm) or departure -- which is not the model's use of
+    them: the out-of-place perturbation's watch for tensors used outside their module ignores it."""
+    prev = getattr(_INTERNAL, "on", False)
+    _INTERNAL.on = True
+    try:
+        yield
+    finally:
+        _INTERNAL.on = prev
+
+
+def in_internal_reads() -> bool:
+    return getattr(_INTERNAL, "on", False)
 
 __all__ = [
     "ParamSpec",

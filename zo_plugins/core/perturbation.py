@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import ZOConfig
 from .interrupts import deferred_interrupts
-from .passes import ParamSpec, merge_terms, perturbed_copy
+from .passes import ParamSpec, in_internal_reads, merge_terms, perturbed_copy
 from .plan import StepPlan
 
 __all__ = ["Perturber", "RngState", "OutOfPlace", "direction_tensor"]
@@ -261,7 +261,7 @@ class OutOfPlace:
     def substitute(self, t: Any) -> Any:
         """The perturbed copy for an original trainable tensor met outside its module."""
         spec = self._by_id.get(id(t)) if isinstance(t, torch.Tensor) else None
-        if spec is None or spec.param is not t or self._generating:
+        if spec is None or spec.param is not t or self._generating or in_internal_reads():
             return t
         late = self._late.get(id(t))
         if late is None:
