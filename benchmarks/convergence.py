@@ -59,14 +59,26 @@ VARIANTS: dict[str, tuple[dict, float]] = {
     "zo-adam": ({"optimizer": "zo-adam"}, 0.3),
     "sparse-random-0.5": ({"sparsity": 0.5, "sparsity_mode": "random"}, 1.0),
     # the variants measured before issue 14: the threshold re-estimated every step
-    "sparse-magnitude-0.5": ({"sparsity": 0.5, "sparsity_mode": "magnitude", "sparsity_threshold": "per-step"}, 1.0),
-    "sparse-magnitude-0.75": ({"sparsity": 0.75, "sparsity_mode": "magnitude", "sparsity_threshold": "per-step"}, 1.0),
+    "sparse-magnitude-0.5": (
+        {"sparsity": 0.5, "sparsity_mode": "magnitude", "sparsity_threshold": "per-step"},
+        1.0,
+    ),
+    "sparse-magnitude-0.75": (
+        {"sparsity": 0.75, "sparsity_mode": "magnitude", "sparsity_threshold": "per-step"},
+        1.0,
+    ),
     # Sparse MeZO as its paper defines it: per-tensor thresholds from the pretrained weights, kept
     "sparse-mezo": ({"sparsity": 0.75, "sparsity_mode": "magnitude", "sparsity_threshold": "initial"}, 1.0),
     # FZOO: N = 8 one-sided Rademacher probes + the unperturbed loss, normalised by their spread
     "fzoo": ({"estimator": "fzoo", "n_queries": 8, "distribution": "rademacher"}, 1.0),
-    "fzoo-batched": ({"estimator": "fzoo", "n_queries": 8, "distribution": "rademacher", "batched_copies": True}, 1.0),
-    "fzoo-q4-batched": ({"estimator": "fzoo", "n_queries": 4, "distribution": "rademacher", "batched_copies": True}, 1.0),
+    "fzoo-batched": (
+        {"estimator": "fzoo", "n_queries": 8, "distribution": "rademacher", "batched_copies": True},
+        1.0,
+    ),
+    "fzoo-q4-batched": (
+        {"estimator": "fzoo", "n_queries": 4, "distribution": "rademacher", "batched_copies": True},
+        1.0,
+    ),
     # HiZOO: diagonal Hessian preconditioner, one extra forward (and 4 bytes per trainable parameter)
     "hizoo": ({"estimator": "hizoo", "optimizer": "hizoo"}, 1.0),
     "hizoo-a0.01": ({"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 1e-2}, 1.0),
@@ -119,12 +131,23 @@ def run_variant(ex, name, args, base_state, data) -> dict:
         opt.step(lambda: objective(model, batch))
         used += per_step
         if used >= next_eval or step == steps - 1:
-            curve.append({"forwards": used, **ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)})
+            curve.append(
+                {"forwards": used, **ex.evaluate(model, eval_ds, collate, label_ids, args.eval_batch_size)}
+            )
             model.train()
             next_eval += every
-            print(f"  {name:22s} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  loss {curve[-1]['loss']:.4f}", flush=True)
-    return {"config": cfg, "lr": args.lr * lr_mult, "forwards_per_step": per_step, "steps": steps,
-            "train_time_s": time.perf_counter() - t0, "curve": curve}
+            print(
+                f"  {name:22s} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  loss {curve[-1]['loss']:.4f}",
+                flush=True,
+            )
+    return {
+        "config": cfg,
+        "lr": args.lr * lr_mult,
+        "forwards_per_step": per_step,
+        "steps": steps,
+        "train_time_s": time.perf_counter() - t0,
+        "curve": curve,
+    }
 
 
 # ----------------------------------------------------------------------------- final-norm, exact and fast
@@ -151,18 +174,24 @@ class FinalNormHead(torch.nn.Module):
 
 
 @torch.no_grad()
-def cache_answer_states(model, dataset, collate, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cache_answer_states(
+    model, dataset, collate, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, class label, label-word token) for every example: ``h`` is the final norm's input at
     the answer position (second to last, where the collator left-pads to)."""
     got = []
-    hook = model.model.norm.register_forward_pre_hook(lambda m, a: got.append(a[0][:, -2, :].detach().clone()))
+    hook = model.model.norm.register_forward_pre_hook(
+        lambda m, a: got.append(a[0][:, -2, :].detach().clone())
+    )
     ys, words = [], []
     try:
         model.eval()
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             model(**batch)
-            ys.append(torch.tensor([dataset.items[i][1] for i in range(start, start + len(batch["input_ids"]))]))
+            ys.append(
+                torch.tensor([dataset.items[i][1] for i in range(start, start + len(batch["input_ids"]))])
+            )
             words.append(batch["labels"][:, 1])
     finally:
         hook.remove()
@@ -175,9 +204,12 @@ def label_word_metrics(logits: torch.Tensor, y: torch.Tensor, words: torch.Tenso
     logits = logits.float()
     pred = logits[:, rows].argmax(-1)
     n = len(y)  # counts over n, as ex.evaluate computes them
-    return {"accuracy": int((pred == y).sum()) / n,
-            "loss": float(torch.nn.functional.cross_entropy(logits, words)),
-            "predicted_positive": int(pred.sum()) / n, "n": n}
+    return {
+        "accuracy": int((pred == y).sum()) / n,
+        "loss": float(torch.nn.functional.cross_entropy(logits, words)),
+        "predicted_positive": int(pred.sum()) / n,
+        "n": n,
+    }
 
 
 class FinalNormTask:
@@ -203,7 +235,11 @@ class FinalNormTask:
             if copies is None:
                 return torch.nn.functional.cross_entropy(self.head(h, self.rows).float(), y)
             logits = self.head(h.repeat(copies, 1), self.rows).float()
-            return torch.nn.functional.cross_entropy(logits, y.repeat(copies), reduction="none").view(copies, -1).mean(1)
+            return (
+                torch.nn.functional.cross_entropy(logits, y.repeat(copies), reduction="none")
+                .view(copies, -1)
+                .mean(1)
+            )
 
         return loss
 
@@ -255,16 +291,24 @@ def run_variant_cached(name, args, task, seed, sweep: float = 1.0) -> dict:
                     marks.pop(0)
                 next_eval = marks.pop(0) if marks else args.budget
             if args.verbose:
-                print(f"    {name:22s} x{sweep:g} seed {seed} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  "
-                      f"loss {curve[-1]['loss']:.4f}", flush=True)
+                print(
+                    f"    {name:22s} x{sweep:g} seed {seed} forwards {used:5d}  acc {curve[-1]['accuracy']:.3f}  "
+                    f"loss {curve[-1]['loss']:.4f}",
+                    flush=True,
+                )
     finite = [g for g in grads if g == g]
-    return {"config": cfg, "lr": args.lr * lr_mult, "forwards_per_step": per_step, "steps": steps,
-            "train_time_s": time.perf_counter() - t0,
-            # the scale of the scalar each direction's z is multiplied by: ZO-SGD's step per coordinate is
-            # lr * |g| * |z|, sign's and Adam's are ~lr, so this relates their learning rates
-            "mean_abs_projected_grad": sum(finite) / max(1, len(finite)),
-            **({"mean_abs_curvature": sum(curvs) / len(curvs)} if curvs else {}),
-            "curve": curve}
+    return {
+        "config": cfg,
+        "lr": args.lr * lr_mult,
+        "forwards_per_step": per_step,
+        "steps": steps,
+        "train_time_s": time.perf_counter() - t0,
+        # the scale of the scalar each direction's z is multiplied by: ZO-SGD's step per coordinate is
+        # lr * |g| * |z|, sign's and Adam's are ~lr, so this relates their learning rates
+        "mean_abs_projected_grad": sum(finite) / max(1, len(finite)),
+        **({"mean_abs_curvature": sum(curvs) / len(curvs)} if curvs else {}),
+        "curve": curve,
+    }
 
 
 # ----------------------------------------------------------------------------- top blocks, exact and fast
@@ -279,14 +323,20 @@ def select_top_blocks(model, trainable: str, k: int, lora_rank: int):
     for p in model.parameters():
         p.requires_grad_(False)
     if trainable == "full":
-        for p in model.model.layers[n - k:].parameters():
+        for p in model.model.layers[n - k :].parameters():
             p.requires_grad_(True)
         model.model.norm.weight.requires_grad_(True)
         return model
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                     layers_to_transform=list(range(n - k, n)), layers_pattern="layers")
+    cfg = LoraConfig(
+        r=lora_rank,
+        lora_alpha=2 * lora_rank,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        layers_to_transform=list(range(n - k, n)),
+        layers_pattern="layers",
+    )
     return get_peft_model(model, cfg)
 
 
@@ -348,12 +398,17 @@ def state_collate(batch):
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, b in enumerate(batch):
         n = len(b["h"])
-        h[i, width - n:] = b["h"]
-        mask[i, width - n:] = 1
+        h[i, width - n :] = b["h"]
+        mask[i, width - n :] = 1
     labels = torch.full((len(batch), 2), -100, dtype=torch.long)
     labels[:, 1] = torch.tensor([b["word"] for b in batch])
-    return {"inputs_embeds": h, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "labels": labels, "logits_to_keep": 2}
+    return {
+        "inputs_embeds": h,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "labels": labels,
+        "logits_to_keep": 2,
+    }
 
 
 class _Skip(torch.nn.Module):
@@ -378,7 +433,7 @@ class TopBlocksTask:
         # qualified name (``…layers.28.…``), so ZOOptimizer derives the same directions from it
         # as on the whole model, and a cut run takes the whole model's steps
         n = len(inner.layers)
-        self.top_layers = torch.nn.ModuleList([_Skip() for _ in range(n - k)] + list(inner.layers)[n - k:])
+        self.top_layers = torch.nn.ModuleList([_Skip() for _ in range(n - k)] + list(inner.layers)[n - k :])
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.initial = [p.detach().clone() for p in self.trainable]
         self.label_ids = list(label_ids)
@@ -406,8 +461,12 @@ class TopBlocksTask:
 
     def answer_states(self, batch) -> torch.Tensor:
         """The final norm's output at the answer position (the model's own layers and norm)."""
-        out = decoder(self.model)(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"], use_cache=False)
+        out = decoder(self.model)(
+            inputs_embeds=batch["inputs_embeds"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        )
         return out.last_hidden_state[:, -2]
 
     def closure(self, idx):
@@ -422,11 +481,22 @@ class TopBlocksTask:
             repeated that many times along dim 0, one loss per copy."""
             if copies is None:
                 return torch.nn.functional.cross_entropy(
-                    torch.nn.functional.linear(self.answer_states(batch), rows).float(), y)
-            rep = {k: (v.repeat(copies, *[1] * (v.dim() - 1)) if k in ("inputs_embeds", "attention_mask", "position_ids")
-                       else v) for k, v in batch.items()}
+                    torch.nn.functional.linear(self.answer_states(batch), rows).float(), y
+                )
+            rep = {
+                k: (
+                    v.repeat(copies, *[1] * (v.dim() - 1))
+                    if k in ("inputs_embeds", "attention_mask", "position_ids")
+                    else v
+                )
+                for k, v in batch.items()
+            }
             logits = torch.nn.functional.linear(self.answer_states(rep), rows).float()
-            return torch.nn.functional.cross_entropy(logits, y.repeat(copies), reduction="none").view(copies, -1).mean(1)
+            return (
+                torch.nn.functional.cross_entropy(logits, y.repeat(copies), reduction="none")
+                .view(copies, -1)
+                .mean(1)
+            )
 
         return loss
 
@@ -435,7 +505,9 @@ class TopBlocksTask:
         """``ex.evaluate``'s numbers, from one 2-D head product over the evaluation states."""
         self.model.eval()
         n, bs = len(self.eval_ds), self.eval_batch_size
-        batches = [state_collate([self.eval_ds[i] for i in range(s, min(s + bs, n))]) for s in range(0, n, bs)]
+        batches = [
+            state_collate([self.eval_ds[i] for i in range(s, min(s + bs, n))]) for s in range(0, n, bs)
+        ]
         h = torch.cat([self.answer_states(b) for b in batches])
         y = torch.tensor([item[1] for item in self.eval_ds.items])
         words = torch.cat([b["labels"][:, 1] for b in batches])
@@ -446,11 +518,18 @@ class TopBlocksTask:
 
 def check_same(what: str, cached: dict, full: dict, n: int) -> None:
     """A cached evaluation must be the full model's, to float rounding."""
-    if abs(cached["accuracy"] - full["accuracy"]) > 1.5 / n or abs(cached["loss"] - full["loss"]) > 1e-3 * max(1.0, full["loss"]):
-        raise SystemExit(f"{what}: cached evaluation {cached['accuracy']:.4f}/{cached['loss']:.5f} != full model "
-                         f"{full['accuracy']:.4f}/{full['loss']:.5f}")
-    print(f"{what}: cached evaluation equals the full model's: accuracy {cached['accuracy']:.4f} "
-          f"({full['accuracy']:.4f}), loss {cached['loss']:.5f} ({full['loss']:.5f})", flush=True)
+    if abs(cached["accuracy"] - full["accuracy"]) > 1.5 / n or abs(
+        cached["loss"] - full["loss"]
+    ) > 1e-3 * max(1.0, full["loss"]):
+        raise SystemExit(
+            f"{what}: cached evaluation {cached['accuracy']:.4f}/{cached['loss']:.5f} != full model "
+            f"{full['accuracy']:.4f}/{full['loss']:.5f}"
+        )
+    print(
+        f"{what}: cached evaluation equals the full model's: accuracy {cached['accuracy']:.4f} "
+        f"({full['accuracy']:.4f}), loss {cached['loss']:.5f} ({full['loss']:.5f})",
+        flush=True,
+    )
 
 
 def mean_curves(per_seed: list[dict]) -> dict:
@@ -468,8 +547,12 @@ def mean_curves(per_seed: list[dict]) -> dict:
             c["accuracy_max"] = max(p["accuracy"] for p in points)
             c["n"] = points[0]["n"]
             curve.append(c)
-        out[name] = {**{k: v for k, v in runs[0].items() if k != "curve"}, "seeds": len(runs),
-                     "train_time_s": sum(r["train_time_s"] for r in runs), "curve": curve}
+        out[name] = {
+            **{k: v for k, v in runs[0].items() if k != "curve"},
+            "seeds": len(runs),
+            "train_time_s": sum(r["train_time_s"] for r in runs),
+            "curve": curve,
+        }
     return out
 
 
@@ -486,9 +569,14 @@ def summarize(results: dict, n_eval: int, sweep: dict | None = None) -> dict:
     # binomial standard error of one accuracy on n_eval examples: MeZO's gain over the zero-shot
     # start means something only when it is well above the evaluation noise
     se = (max(start * (1 - start), 1e-12) / n_eval) ** 0.5
-    out = {"start_accuracy": start, "mezo_final_accuracy": target, "mezo_budget_forwards": budget,
-           "accuracy_standard_error": se, "mezo_gain_in_standard_errors": (target - start) / se,
-           "variants": {}}
+    out = {
+        "start_accuracy": start,
+        "mezo_final_accuracy": target,
+        "mezo_budget_forwards": budget,
+        "accuracy_standard_error": se,
+        "mezo_gain_in_standard_errors": (target - start) / se,
+        "variants": {},
+    }
     # MeZO itself may reach its final accuracy well before its budget (a plateau): then "a third
     # of MeZO's budget" overstates a speed-up; compare with MeZO's own first hit as well
     first = {
@@ -513,14 +601,19 @@ def summarize(results: dict, n_eval: int, sweep: dict | None = None) -> dict:
             "final_accuracy": r["curve"][-1]["accuracy"],
             "forwards_to_mezo_accuracy": hit,
             "fraction_of_mezo_budget": None if hit is None else hit / budget,
-            "speedup_vs_mezo_first_hit": None if hit is None or first["mezo"] is None else first["mezo"] / hit,
+            "speedup_vs_mezo_first_hit": None
+            if hit is None or first["mezo"] is None
+            else first["mezo"] / hit,
         }
         if sweep:
             f, mf = fastest[name][0], fastest["mezo"][0]
-            out["variants"][name].update({
-                "fastest_over_lr_sweep": f, "fastest_run": fastest[name][1],
-                "speedup_vs_fastest_mezo": None if f is None or mf is None else mf / f,
-            })
+            out["variants"][name].update(
+                {
+                    "fastest_over_lr_sweep": f,
+                    "fastest_run": fastest[name][1],
+                    "speedup_vs_fastest_mezo": None if f is None or mf is None else mf / f,
+                }
+            )
     return out
 
 
@@ -530,8 +623,15 @@ def markdown_table(report: dict) -> str:
     results, summary = report["results"], report.get("summary") or {}
     xs = [c["forwards"] for c in next(iter(results.values()))["curve"]]
     swept = "mezo_fastest_over_lr_sweep" in summary
-    head = "| variant | fwd/step | lr | accuracy at " + " / ".join(map(str, xs)) + " forwards | reaches MeZO's final accuracy at |"
-    lines = [head + (" fastest over its lr sweep |" if swept else ""), "|---|---|---|---|---|" + ("---|" if swept else "")]
+    head = (
+        "| variant | fwd/step | lr | accuracy at "
+        + " / ".join(map(str, xs))
+        + " forwards | reaches MeZO's final accuracy at |"
+    )
+    lines = [
+        head + (" fastest over its lr sweep |" if swept else ""),
+        "|---|---|---|---|---|" + ("---|" if swept else ""),
+    ]
     for name, r in results.items():
         if [c["forwards"] for c in r["curve"]] == xs:
             accs = " / ".join(f"{c['accuracy']:.3f}" for c in r["curve"])
@@ -541,13 +641,27 @@ def markdown_table(report: dict) -> str:
         hit = v.get("forwards_to_mezo_accuracy")
         frac = v.get("fraction_of_mezo_budget")
         speed = v.get("speedup_vs_mezo_first_hit")
-        reach = "not reached" if hit is None else (
-            f"{hit} ({frac:.2f} of MeZO's budget" + ("" if speed is None else f"; {speed:.2f}x MeZO's own first hit") + ")")
+        reach = (
+            "not reached"
+            if hit is None
+            else (
+                f"{hit} ({frac:.2f} of MeZO's budget"
+                + ("" if speed is None else f"; {speed:.2f}x MeZO's own first hit")
+                + ")"
+            )
+        )
         row = f"| {name} | {r['forwards_per_step']} | {r['lr']:.3g} | {accs} | {reach} |"
         if swept:
-            f, run, sp = v.get("fastest_over_lr_sweep"), v.get("fastest_run"), v.get("speedup_vs_fastest_mezo")
-            row += " not reached |" if f is None else (
-                f" {f} ({run}" + ("" if sp is None else f"; {sp:.2f}x the fastest MeZO") + ") |")
+            f, run, sp = (
+                v.get("fastest_over_lr_sweep"),
+                v.get("fastest_run"),
+                v.get("speedup_vs_fastest_mezo"),
+            )
+            row += (
+                " not reached |"
+                if f is None
+                else (f" {f} ({run}" + ("" if sp is None else f"; {sp:.2f}x the fastest MeZO") + ") |")
+            )
         lines.append(row)
     if summary:
         lines.append("")
@@ -556,9 +670,12 @@ def markdown_table(report: dict) -> str:
             f"{summary['mezo_budget_forwards']} forwards (first reached after "
             f"{summary['mezo_forwards_to_own_final_accuracy']}), a gain of "
             f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)."
-            + ("" if not swept else
-               f" Over its learning-rate sweep MeZO reaches that accuracy fastest after "
-               f"{summary['mezo_fastest_over_lr_sweep']['forwards']} forwards ({summary['mezo_fastest_over_lr_sweep']['run']}).")
+            + (
+                ""
+                if not swept
+                else f" Over its learning-rate sweep MeZO reaches that accuracy fastest after "
+                f"{summary['mezo_fastest_over_lr_sweep']['forwards']} forwards ({summary['mezo_fastest_over_lr_sweep']['run']})."
+            )
         )
     return "\n".join(lines)
 
@@ -591,26 +708,49 @@ def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dic
     out = {"target": target, "target_run": target_run, "standard_error": se, "methods": {}}
     for name, runs in by_method.items():
         best = max(runs, key=lambda k: final(runs[k]))
-        e = {"forwards_per_step": next(iter(runs.values()))["forwards_per_step"],
-             "best_final_accuracy": final(runs[best]), "best_final_run": best}
-        hits = [(h[0], h[1] if h[1] is not None else float("inf"), k) for k, r in runs.items() if (h := hit(r))]
+        e = {
+            "forwards_per_step": next(iter(runs.values()))["forwards_per_step"],
+            "best_final_accuracy": final(runs[best]),
+            "best_final_run": best,
+        }
+        hits = [
+            (h[0], h[1] if h[1] is not None else float("inf"), k) for k, r in runs.items() if (h := hit(r))
+        ]
         last = runs[best]["curve"][-1]
-        e.update(best_final_spread=[last.get("accuracy_min", last["accuracy"]), last.get("accuracy_max", last["accuracy"])],
-                 best_final_seeds=runs[best].get("seeds", 1))
+        e.update(
+            best_final_spread=[
+                last.get("accuracy_min", last["accuracy"]),
+                last.get("accuracy_max", last["accuracy"]),
+            ],
+            best_final_seeds=runs[best].get("seeds", 1),
+        )
         if hits:
             f, sec, k = min(hits)
             last = runs[k]["curve"][-1]
-            e.update(forwards=f, seconds=sec, run=k, lr=runs[k]["lr"], final_accuracy=final(runs[k]),
-                     final_spread=[last.get("accuracy_min", last["accuracy"]), last.get("accuracy_max", last["accuracy"])],
-                     seeds=runs[k].get("seeds", 1))
+            e.update(
+                forwards=f,
+                seconds=sec,
+                run=k,
+                lr=runs[k]["lr"],
+                final_accuracy=final(runs[k]),
+                final_spread=[
+                    last.get("accuracy_min", last["accuracy"]),
+                    last.get("accuracy_max", last["accuracy"]),
+                ],
+                seeds=runs[k].get("seeds", 1),
+            )
         out["methods"][name] = e
     m = out["methods"]["mezo"]
     for e in out["methods"].values():
         if "forwards" in e and "forwards" in m:
             e["forwards_ratio"] = e["forwards"] / m["forwards"]
             e["seconds_ratio"] = e["seconds"] / m["seconds"] if m["seconds"] else None
-            e["goal_met"] = bool(e["forwards_ratio"] <= 1 / 3 + 1e-9 and e["seconds_ratio"] is not None
-                                 and e["seconds_ratio"] <= 0.5 and e["final_accuracy"] >= target - se)
+            e["goal_met"] = bool(
+                e["forwards_ratio"] <= 1 / 3 + 1e-9
+                and e["seconds_ratio"] is not None
+                and e["seconds_ratio"] <= 0.5
+                and e["final_accuracy"] >= target - se
+            )
     # runs made minutes apart on a shared machine see different loads: the passes to the target
     # times each method's median seconds per pass from one interleaved timing (--time-steps)
     # compare the methods at one load
@@ -618,7 +758,8 @@ def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dic
         if step_cost and name in step_cost and "mezo" in step_cost and "forwards" in e and "forwards" in m:
             e["seconds_at_step_cost"] = e["forwards"] * step_cost[name]["median_s_per_forward"]
             e["seconds_at_step_cost_ratio"] = e["seconds_at_step_cost"] / (
-                m["forwards"] * step_cost["mezo"]["median_s_per_forward"])
+                m["forwards"] * step_cost["mezo"]["median_s_per_forward"]
+            )
     return out
 
 
@@ -627,37 +768,56 @@ def goal_table(goal: dict) -> str:
     if not goal:
         return ""
     timed = any("seconds_at_step_cost_ratio" in e for e in goal["methods"].values())
-    lines = ["| method | fwd/step | fastest lr | seeds | passes to target | x MeZO's | seconds to target | x MeZO's | "
-             + ("x MeZO's at one load (interleaved step cost) | " if timed else "")
-             + "final accuracy (that lr; seed min-max) | best final accuracy (its sweep) | goal met |",
-             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else "")]
+    lines = [
+        "| method | fwd/step | fastest lr | seeds | passes to target | x MeZO's | seconds to target | x MeZO's | "
+        + ("x MeZO's at one load (interleaved step cost) | " if timed else "")
+        + "final accuracy (that lr; seed min-max) | best final accuracy (its sweep) | goal met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else ""),
+    ]
 
     def acc(v, spread, n):
         return f"{v:.3f}" + ("" if n <= 1 or not spread else f" ({spread[0]:.3f}-{spread[1]:.3f})")
 
     for name, e in goal["methods"].items():
-        best = (f"{acc(e['best_final_accuracy'], e.get('best_final_spread'), e.get('best_final_seeds', 1))} "
-                f"({e['best_final_run']})")
+        best = (
+            f"{acc(e['best_final_accuracy'], e.get('best_final_spread'), e.get('best_final_seeds', 1))} "
+            f"({e['best_final_run']})"
+        )
         if "forwards" in e:
             ratio_s = "-" if e.get("seconds_ratio") is None else f"{e['seconds_ratio']:.2f}"
-            at_cost = "" if not timed else (
-                " - |" if "seconds_at_step_cost_ratio" not in e else f" {e['seconds_at_step_cost_ratio']:.2f} |")
-            lines.append(f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
-                         f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | "
-                         f"{ratio_s} |{at_cost} {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | "
-                         f"{best} | {'**yes**' if e['goal_met'] else 'no'} |")
+            at_cost = (
+                ""
+                if not timed
+                else (
+                    " - |"
+                    if "seconds_at_step_cost_ratio" not in e
+                    else f" {e['seconds_at_step_cost_ratio']:.2f} |"
+                )
+            )
+            lines.append(
+                f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
+                f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | "
+                f"{ratio_s} |{at_cost} {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | "
+                f"{best} | {'**yes**' if e['goal_met'] else 'no'} |"
+            )
         else:
-            lines.append(f"| {name} | {e['forwards_per_step']} | - | {e.get('best_final_seeds', 1)} | not reached | "
-                         f"- | - | - |{' - |' if timed else ''} - | {best} | no |")
+            lines.append(
+                f"| {name} | {e['forwards_per_step']} | - | {e.get('best_final_seeds', 1)} | not reached | "
+                f"- | - | - |{' - |' if timed else ''} - | {best} | no |"
+            )
     lines.append("")
-    lines.append(f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
-                 f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
-                 "seconds to the target, each at its fastest learning rate, with a final accuracy at most one "
-                 "standard error below the target.")
+    lines.append(
+        f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
+        f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
+        "seconds to the target, each at its fastest learning rate, with a final accuracy at most one "
+        "standard error below the target."
+    )
     return "\n".join(lines)
 
 
-def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step_cost: dict | None = None) -> bool:
+def plot_goal(
+    sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step_cost: dict | None = None
+) -> bool:
     """Accuracy against forward passes and against training seconds, each method at the learning
     rate of ``goal_table`` (its fastest to the target, else its best final accuracy)."""
     try:
@@ -671,7 +831,12 @@ def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step
     at_cost = bool(step_cost) and all(name in step_cost for name in goal["methods"])
     for i, (name, e) in enumerate(goal["methods"].items()):
         r = sweep[e.get("run", e["best_final_run"])]
-        style = dict(marker="o", markersize=3, linestyle="-" if i < 10 else "--", label=f"{name} ({e.get('run', e['best_final_run']).rsplit('@', 1)[-1]}x)")
+        style = dict(
+            marker="o",
+            markersize=3,
+            linestyle="-" if i < 10 else "--",
+            label=f"{name} ({e.get('run', e['best_final_run']).rsplit('@', 1)[-1]}x)",
+        )
         accs = [c["accuracy"] for c in r["curve"]]
         axes[0].plot([c["forwards"] for c in r["curve"]], accs, **style)
         if at_cost:  # one load for every method: passes x its interleaved seconds per pass
@@ -682,8 +847,12 @@ def plot_goal(sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step
     for ax in axes:
         ax.axhline(goal["target"], color="grey", linewidth=0.8, linestyle=":")
     axes[0].set(xlabel="forward passes", ylabel="held-out accuracy (seed mean)", title=title)
-    axes[1].set(xlabel="seconds at one load (passes x interleaved s/pass)" if at_cost else
-                "training seconds (evaluations excluded)", ylabel="held-out accuracy (seed mean)")
+    axes[1].set(
+        xlabel="seconds at one load (passes x interleaved s/pass)"
+        if at_cost
+        else "training seconds (evaluations excluded)",
+        ylabel="held-out accuracy (seed mean)",
+    )
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -716,9 +885,14 @@ def plot(results: dict, path: pathlib.Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--define", nargs="+", default=[], metavar="NAME=JSON",
-                    help='add variants: NAME={"ZOConfig field": value, ...} (lr multiplier 1), e.g. '
-                         '\'hizoo-a0.01={"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.01}\'')
+    ap.add_argument(
+        "--define",
+        nargs="+",
+        default=[],
+        metavar="NAME=JSON",
+        help='add variants: NAME={"ZOConfig field": value, ...} (lr multiplier 1), e.g. '
+        '\'hizoo-a0.01={"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.01}\'',
+    )
     pre, _ = ap.parse_known_args()
     for item in pre.define:
         name, _, cfg = item.partition("=")
@@ -728,9 +902,15 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--budget", type=int, default=600, help="forward passes per variant")
     ap.add_argument("--checkpoints", type=int, default=6)
-    ap.add_argument("--eval-at", type=int, nargs="+", default=None, metavar="FORWARDS",
-                    help="--cached: evaluate when the forward count first reaches each of these (instead of "
-                         "every budget/checkpoints); the budget's end is always evaluated")
+    ap.add_argument(
+        "--eval-at",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="FORWARDS",
+        help="--cached: evaluate when the forward count first reaches each of these (instead of "
+        "every budget/checkpoints); the budget's end is always evaluated",
+    )
     ap.add_argument("--lr", type=float, default=None, help="default: 1e-4 (lora), 1e-6 (full), 3e-3 (norms)")
     ap.add_argument("--eps", type=float, default=None, help="default: 1e-2 (lora/norms), 1e-3 (full)")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -738,48 +918,96 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--eval-batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cached", action="store_true",
-                    help="final-norm: train lm_head(norm(h)) on cached answer-position states (exact, "
-                         "~300x faster); lora/full: train the last --top-blocks layers on their cached "
-                         "inputs (exact for that trainable set); allows --seeds, --lr-sweep and big budgets")
-    ap.add_argument("--top-blocks", type=int, default=2,
-                    help="--cached lora/full: LoRA on / every weight of the last K decoder layers (+ final "
-                         "norm for full)")
-    ap.add_argument("--lr-mult", nargs="+", default=[], metavar="VARIANT=M",
-                    help="override a variant's lr multiplier (relative to --lr), e.g. sign=0.01")
+    ap.add_argument(
+        "--cached",
+        action="store_true",
+        help="final-norm: train lm_head(norm(h)) on cached answer-position states (exact, "
+        "~300x faster); lora/full: train the last --top-blocks layers on their cached "
+        "inputs (exact for that trainable set); allows --seeds, --lr-sweep and big budgets",
+    )
+    ap.add_argument(
+        "--top-blocks",
+        type=int,
+        default=2,
+        help="--cached lora/full: LoRA on / every weight of the last K decoder layers (+ final "
+        "norm for full)",
+    )
+    ap.add_argument(
+        "--lr-mult",
+        nargs="+",
+        default=[],
+        metavar="VARIANT=M",
+        help="override a variant's lr multiplier (relative to --lr), e.g. sign=0.01",
+    )
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--verbose", action="store_true", help="print every checkpoint of every run")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="--cached: average over these seeds")
-    ap.add_argument("--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled")
-    ap.add_argument("--lr-sweep", type=float, nargs="+", default=None,
-                    help="--cached: run each variant at these multiples of its lr and report its best")
-    ap.add_argument("--only", nargs="+", default=None, metavar="VARIANT@MULT",
-                    help="--cached --lr-sweep: run only these cells of the variants x sweep grid (each method "
-                         "at the few learning rates that bracket its best); the means cover what ran")
-    ap.add_argument("--check-full", choices=["both", "before", "none"], default="both",
-                    help="--cached lora/full: check the cached evaluation against the real 30-layer model "
-                         "before training and after the first run (both), before training only, or not at "
-                         "all (a follow-up run on a cache already checked; each check is a full-model "
-                         "evaluation: minutes on a loaded 2-core machine)")
+    ap.add_argument(
+        "--train-pool", type=int, default=2048, help="--cached: training examples cached and cycled"
+    )
+    ap.add_argument(
+        "--lr-sweep",
+        type=float,
+        nargs="+",
+        default=None,
+        help="--cached: run each variant at these multiples of its lr and report its best",
+    )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="VARIANT@MULT",
+        help="--cached --lr-sweep: run only these cells of the variants x sweep grid (each method "
+        "at the few learning rates that bracket its best); the means cover what ran",
+    )
+    ap.add_argument(
+        "--check-full",
+        choices=["both", "before", "none"],
+        default="both",
+        help="--cached lora/full: check the cached evaluation against the real 30-layer model "
+        "before training and after the first run (both), before training only, or not at "
+        "all (a follow-up run on a cache already checked; each check is a full-model "
+        "evaluation: minutes on a loaded 2-core machine)",
+    )
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--time-steps", type=int, default=0, metavar="K",
-                    help="--cached: instead of training, time K optimizer steps of every variant, "
-                         "interleaved round-robin in this process (the machine's load drifts), and write "
-                         "the median step time per variant")
+    ap.add_argument(
+        "--time-steps",
+        type=int,
+        default=0,
+        metavar="K",
+        help="--cached: instead of training, time K optimizer steps of every variant, "
+        "interleaved round-robin in this process (the machine's load drifts), and write "
+        "the median step time per variant",
+    )
     ap.add_argument("--cache-dir", type=pathlib.Path, default=None)
     ap.add_argument("--output", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--plot-dir", type=pathlib.Path, default=ROOT / "docs" / "img")
-    ap.add_argument("--merge-runs", nargs="+", default=None, metavar="RUNS_JSON[:SEEDS]",
-                    help="merge the per-seed runs of these .runs.json files (same base lr/eps; e.g. a seed-0 "
-                         "sweep and a seeds-1-2 run of the contenders), average each run key over the seeds "
-                         "it has, write convergence-<--merged-name>.json, the goal table and plot, exit")
+    ap.add_argument(
+        "--merge-runs",
+        nargs="+",
+        default=None,
+        metavar="RUNS_JSON[:SEEDS]",
+        help="merge the per-seed runs of these .runs.json files (same base lr/eps; e.g. a seed-0 "
+        "sweep and a seeds-1-2 run of the contenders), average each run key over the seeds "
+        "it has, write convergence-<--merged-name>.json, the goal table and plot, exit",
+    )
     ap.add_argument("--merged-name", default="merged", help="--merge-runs: name of the merged report")
-    ap.add_argument("--step-times", type=pathlib.Path, default=None, metavar="STEP_TIMES_JSON",
-                    help="--merge-runs: also give the seconds ratio at one load: passes to the target times "
-                         "each method's median seconds per pass from this --time-steps file")
-    ap.add_argument("--report", type=pathlib.Path, nargs="+", default=None,
-                    help="print the markdown table of results JSONs (same task and settings; later "
-                         "files add variants, e.g. runs made in two sittings), redraw the plot, exit")
+    ap.add_argument(
+        "--step-times",
+        type=pathlib.Path,
+        default=None,
+        metavar="STEP_TIMES_JSON",
+        help="--merge-runs: also give the seconds ratio at one load: passes to the target times "
+        "each method's median seconds per pass from this --time-steps file",
+    )
+    ap.add_argument(
+        "--report",
+        type=pathlib.Path,
+        nargs="+",
+        default=None,
+        help="print the markdown table of results JSONs (same task and settings; later "
+        "files add variants, e.g. runs made in two sittings), redraw the plot, exit",
+    )
     args = ap.parse_args()
     if args.merge_runs is not None:
         sweep, settings = merge_runs(args.merge_runs)
@@ -788,8 +1016,19 @@ def main() -> None:
         goal = goal_summary(sweep, n_eval, step_cost)
         args.output.mkdir(parents=True, exist_ok=True)
         out = args.output / f"convergence-{args.merged_name}.json"
-        out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "merged_from": args.merge_runs, **settings,
-                                   "n_eval": n_eval, "goal": goal, "sweep_results": sweep}, indent=2))
+        out.write_text(
+            json.dumps(
+                {
+                    "date": time.strftime("%Y-%m-%d"),
+                    "merged_from": args.merge_runs,
+                    **settings,
+                    "n_eval": n_eval,
+                    "goal": goal,
+                    "sweep_results": sweep,
+                },
+                indent=2,
+            )
+        )
         print(goal_table(goal))
         png = args.plot_dir / f"convergence-{args.merged_name}-goal.png"
         if goal and plot_goal(sweep, goal, png, args.merged_name, step_cost):
@@ -800,7 +1039,15 @@ def main() -> None:
         report = json.loads(args.report[0].read_text())
         for extra in args.report[1:]:
             more = json.loads(extra.read_text())
-            keys = ("trainable", "top_blocks", "lr", "eps", "batch_size", "n_eval", "seeds")  # budgets may differ
+            keys = (
+                "trainable",
+                "top_blocks",
+                "lr",
+                "eps",
+                "batch_size",
+                "n_eval",
+                "seeds",
+            )  # budgets may differ
             if any(more.get(k) != report.get(k) for k in keys):
                 raise SystemExit(f"{extra} was run with other settings than {args.report[0]}; not merged.")
             report["results"].update(more["results"])
@@ -830,7 +1077,9 @@ def main() -> None:
     for item in args.lr_mult:
         name, _, value = item.partition("=")
         if name not in VARIANTS or not value:
-            raise SystemExit(f"--lr-mult {item!r}: expected VARIANT=MULTIPLIER with VARIANT one of {list(VARIANTS)}.")
+            raise SystemExit(
+                f"--lr-mult {item!r}: expected VARIANT=MULTIPLIER with VARIANT one of {list(VARIANTS)}."
+            )
         mults[name] = float(value)
     args.lr_mult = mults
     if args.threads:
@@ -845,8 +1094,13 @@ def main() -> None:
     model, tok = ex.load_model_and_tokenizer(args.cache_dir)
     label_ids = ex.label_token_ids(tok)
     splits = ex.load_splits(args.n_eval, None, args.seed)
-    data = (tok, label_ids, ex.PromptDataset(splits.train, tok, label_ids, args.max_length),
-            ex.PromptDataset(splits.eval, tok, label_ids, args.max_length), ex.make_collator(tok.pad_token_id))
+    data = (
+        tok,
+        label_ids,
+        ex.PromptDataset(splits.train, tok, label_ids, args.max_length),
+        ex.PromptDataset(splits.eval, tok, label_ids, args.max_length),
+        ex.make_collator(tok.pad_token_id),
+    )
     torch.manual_seed(args.seed)  # the same adapter initialisation for every variant
     if args.cached and args.trainable in ("lora", "full"):
         model = select_top_blocks(model, args.trainable, args.top_blocks, args.lora_rank)
@@ -858,8 +1112,10 @@ def main() -> None:
     results = {}
     if args.cached:
         if args.trainable not in ("final-norm", "lora", "full"):
-            raise SystemExit(f"--cached is exact for --trainable final-norm, lora or full (on the last "
-                             f"--top-blocks layers), not {args.trainable!r}.")
+            raise SystemExit(
+                f"--cached is exact for --trainable final-norm, lora or full (on the last "
+                f"--top-blocks layers), not {args.trainable!r}."
+            )
         t0 = time.perf_counter()
         key = f"pool{args.train_pool}-eval{args.n_eval}-len{args.max_length}-seed{args.seed}"
         pool = ex.PromptDataset(splits.train[: args.train_pool], tok, label_ids, args.max_length)
@@ -868,8 +1124,10 @@ def main() -> None:
             if cache_file.exists():
                 states = torch.load(cache_file, weights_only=True)
             else:
-                states = [cache_answer_states(model, pool, data[4], args.eval_batch_size),
-                          cache_answer_states(model, data[3], data[4], args.eval_batch_size)]
+                states = [
+                    cache_answer_states(model, pool, data[4], args.eval_batch_size),
+                    cache_answer_states(model, data[3], data[4], args.eval_batch_size),
+                ]
                 torch.save(states, cache_file)
             cache = (*states, label_ids)
             n_cached = (len(states[0][0]), len(states[1][0]))
@@ -879,16 +1137,22 @@ def main() -> None:
             if cache_file.exists():
                 states = torch.load(cache_file, weights_only=True)
             else:
-                states = [cache_block_inputs(model, pool, data[4], args.eval_batch_size, args.top_blocks),
-                          cache_block_inputs(model, data[3], data[4], args.eval_batch_size, args.top_blocks)]
+                states = [
+                    cache_block_inputs(model, pool, data[4], args.eval_batch_size, args.top_blocks),
+                    cache_block_inputs(model, data[3], data[4], args.eval_batch_size, args.top_blocks),
+                ]
                 torch.save(states, cache_file)
-            sets = [StateDataset(st, [y for _, y in ds.items], [ids[-1] for ids, _ in ds.items])
-                    for st, ds in zip(states, (pool, data[3]))]
+            sets = [
+                StateDataset(st, [y for _, y in ds.items], [ids[-1] for ids, _ in ds.items])
+                for st, ds in zip(states, (pool, data[3]))
+            ]
             n_cached = (len(sets[0]), len(sets[1]))
             task = TopBlocksTask(model, args.top_blocks, sets[0], sets[1], label_ids, args.eval_batch_size)
-        print(f"cached {n_cached[0]} training and {n_cached[1]} evaluation states in "
-              f"{time.perf_counter() - t0:.0f} s ({cache_file}); {args.trainable_params} trainable parameters",
-              flush=True)
+        print(
+            f"cached {n_cached[0]} training and {n_cached[1]} evaluation states in "
+            f"{time.perf_counter() - t0:.0f} s ({cache_file}); {args.trainable_params} trainable parameters",
+            flush=True,
+        )
 
         def full_model_eval():
             """The real model (every layer, real token ids) on the evaluation split."""
@@ -900,15 +1164,24 @@ def main() -> None:
         task.fresh()
         if args.check_full != "none":
             check_same("before training", task.evaluate(), full_model_eval(), n_cached[1])
-        if isinstance(task, TopBlocksTask) and args.check_full != "none":  # the demo's objective on the real model
+        if (
+            isinstance(task, TopBlocksTask) and args.check_full != "none"
+        ):  # the demo's objective on the real model
             idx = torch.arange(args.batch_size)
             with torch.no_grad():
                 cached_loss = float(task.closure(idx)())
                 with task.whole_model():
-                    real_loss = float(ex.label_word_objective(label_ids)(model, data[4]([pool[int(i)] for i in idx])))
+                    real_loss = float(
+                        ex.label_word_objective(label_ids)(model, data[4]([pool[int(i)] for i in idx]))
+                    )
             if abs(cached_loss - real_loss) > 1e-4 * max(1.0, abs(real_loss)):
-                raise SystemExit(f"cached training loss {cached_loss:.6f} != the real model's {real_loss:.6f}")
-            print(f"cached training loss equals the real model's: {cached_loss:.6f} ({real_loss:.6f})", flush=True)
+                raise SystemExit(
+                    f"cached training loss {cached_loss:.6f} != the real model's {real_loss:.6f}"
+                )
+            print(
+                f"cached training loss equals the real model's: {cached_loss:.6f} ({real_loss:.6f})",
+                flush=True,
+            )
         if args.time_steps:
             write_step_times(args, time_steps(args, task, args.variants, args.time_steps))
             return
@@ -922,10 +1195,15 @@ def main() -> None:
                     if args.only and key not in args.only:
                         continue
                     r = per_seed[-1][key] = run_variant_cached(name, args, task, seed, m)
-                    print(f"  seed {seed} {key:26s} acc {r['curve'][0]['accuracy']:.3f} -> "
-                          f"{r['curve'][-1]['accuracy']:.3f}  ({r['train_time_s']:.0f} s)", flush=True)
+                    print(
+                        f"  seed {seed} {key:26s} acc {r['curve'][0]['accuracy']:.3f} -> "
+                        f"{r['curve'][-1]['accuracy']:.3f}  ({r['train_time_s']:.0f} s)",
+                        flush=True,
+                    )
                     if isinstance(task, TopBlocksTask) and not checked_trained and args.check_full == "both":
-                        check_same(f"after {key}, seed {seed}", r["curve"][-1], full_model_eval(), n_cached[1])
+                        check_same(
+                            f"after {key}, seed {seed}", r["curve"][-1], full_model_eval(), n_cached[1]
+                        )
                         checked_trained = True
                     write_runs(args, per_seed)
         results = mean_curves(per_seed)
@@ -974,20 +1252,36 @@ def time_steps(args, task, names: list[str], k: int) -> dict:
     for name in names:
         ts = sorted(times[name])
         per = forwards_per_step(VARIANTS[name][0])
-        out[name] = {"median_step_s": ts[len(ts) // 2], "forwards_per_step": per,
-                     "median_s_per_forward": ts[len(ts) // 2] / per, "step_s": times[name]}
-        print(f"  {name:22s} {out[name]['median_step_s']:.3f} s/step  {out[name]['median_s_per_forward']:.4f} s/forward",
-              flush=True)
+        out[name] = {
+            "median_step_s": ts[len(ts) // 2],
+            "forwards_per_step": per,
+            "median_s_per_forward": ts[len(ts) // 2] / per,
+            "step_s": times[name],
+        }
+        print(
+            f"  {name:22s} {out[name]['median_step_s']:.3f} s/step  {out[name]['median_s_per_forward']:.4f} s/forward",
+            flush=True,
+        )
     return out
 
 
 def write_step_times(args, times: dict) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"step-times-{report_tag(args)}.json"
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable,
-                               "top_blocks": top_blocks(args), "batch_size": args.batch_size,
-                               "threads": torch.get_num_threads(), "rounds": args.time_steps,
-                               "variants": times}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "trainable": args.trainable,
+                "top_blocks": top_blocks(args),
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "rounds": args.time_steps,
+                "variants": times,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 
@@ -1026,8 +1320,11 @@ def merge_runs(files: list[str]) -> tuple[dict, dict]:
         if settings is not None and mine != settings:
             raise SystemExit(f"{path}: lr/eps {mine} differ from {settings}; not merged.")
         settings = mine
-        seed_list = ([int(x) for x in seeds.split(",")] if seeds else data.get("seeds")
-                     or list(range(len(data["runs"]))))
+        seed_list = (
+            [int(x) for x in seeds.split(",")]
+            if seeds
+            else data.get("seeds") or list(range(len(data["runs"])))
+        )
         if len(seed_list) != len(data["runs"]):
             raise SystemExit(f"{path}: {len(data['runs'])} seeds of runs, {len(seed_list)} seeds named.")
         for seed, runs in zip(seed_list, data["runs"]):
@@ -1050,14 +1347,27 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     summary = summarize(results, n_eval, getattr(args, "sweep_results", None))
     sweep = getattr(args, "sweep_results", None)
     goal = goal_summary(sweep, n_eval) if sweep else {}
-    report = {"date": time.strftime("%Y-%m-%d"), "trainable": args.trainable, "budget": args.budget,
-              "cached": args.cached, "seeds": args.seeds or [args.seed],
-              "train_pool": args.train_pool if args.cached else None,
-              "lr": args.lr, "eps": args.eps, "batch_size": args.batch_size, "n_eval": args.n_eval,
-              "lr_sweep": args.lr_sweep if args.cached else None,
-              "top_blocks": top_blocks(args), "trainable_params": getattr(args, "trainable_params", None),
-              "threads": torch.get_num_threads(), "complete": final, "results": results, "summary": summary,
-              "sweep_results": sweep, "goal": goal}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "trainable": args.trainable,
+        "budget": args.budget,
+        "cached": args.cached,
+        "seeds": args.seeds or [args.seed],
+        "train_pool": args.train_pool if args.cached else None,
+        "lr": args.lr,
+        "eps": args.eps,
+        "batch_size": args.batch_size,
+        "n_eval": args.n_eval,
+        "lr_sweep": args.lr_sweep if args.cached else None,
+        "top_blocks": top_blocks(args),
+        "trainable_params": getattr(args, "trainable_params", None),
+        "threads": torch.get_num_threads(),
+        "complete": final,
+        "results": results,
+        "summary": summary,
+        "sweep_results": sweep,
+        "goal": goal,
+    }
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"convergence-{report_tag(args)}.json"
     out.write_text(json.dumps(report, indent=2))
@@ -1071,8 +1381,10 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     if results:
         print("\n" + markdown_table(report) + "\n")
     if summary:
-        print(f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
-              f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)")
+        print(
+            f"zero-shot {summary['start_accuracy']:.3f}; MeZO gain "
+            f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)"
+        )
     png = args.plot_dir / f"convergence-{report_tag(args)}.png"
     if results and plot(results, png):
         print(f"plot: {png}")
@@ -1082,6 +1394,7 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
         if plot_goal(sweep, goal, png, report_tag(args)):
             print(f"plot: {png}")
     print(f"wrote {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -81,9 +81,16 @@ def offload(path: Path, out: Path) -> Path:
     axes[0].bar(labels, [r["step_s"] for r in runs])
     axes[0].set_title("seconds per step (median after the first)")
     x = list(range(len(runs)))
-    axes[1].bar([i - 0.2 for i in x], [r["model_bytes"] / MiB for r in runs], width=0.4, label="the model's weights")
+    axes[1].bar(
+        [i - 0.2 for i in x], [r["model_bytes"] / MiB for r in runs], width=0.4, label="the model's weights"
+    )
     axes[1].bar([i + 0.2 for i in x], [r["peak_rss_mib"] for r in runs], width=0.4, label="peak RSS")
-    axes[1].bar([i + 0.2 for i in x], [r["baseline_rss_mib"] for r in runs], width=0.4, label="RSS before the first step")
+    axes[1].bar(
+        [i + 0.2 for i in x],
+        [r["baseline_rss_mib"] for r in runs],
+        width=0.4,
+        label="RSS before the first step",
+    )
     axes[1].set_xticks(x, labels)
     axes[1].set_title("resident memory vs model size (MiB)")
     axes[1].legend(fontsize=8)

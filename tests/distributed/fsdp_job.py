@@ -34,9 +34,9 @@ CONFIGS = {
     "forward-2": {"estimator": "forward", "n_queries": 2},
     "bf16": {"dtype": torch.bfloat16},
     "prefetch": {"prefetch": True},
-    "mlp-uneven": {"mlp": True},
+    "mlp-uneven": {"mlp": True},  # 3- and 1-row tensors: uneven shards, an empty one on rank 1
     "fzoo-3": {"estimator": "fzoo", "n_queries": 3},  # one-sided probes, spread-normalised step
-    "hizoo": {"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.1},  # local shard of H  # 3- and 1-row tensors: uneven shards, an empty one on rank 1
+    "hizoo": {"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.1},  # a local shard of H
 }
 
 

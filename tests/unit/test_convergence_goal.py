@@ -16,7 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def conv():
-    spec = importlib.util.spec_from_file_location("convergence_goal_bench", ROOT / "benchmarks" / "convergence.py")
+    spec = importlib.util.spec_from_file_location(
+        "convergence_goal_bench", ROOT / "benchmarks" / "convergence.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -24,16 +26,27 @@ def conv():
 
 
 def run(accs, per_step=2, s_per_pass=0.1, lr=1e-3, every=10):
-    curve = [{"forwards": i * every, "train_s": i * every * s_per_pass, "accuracy": a, "loss": 1.0, "n": 300}
-             for i, a in enumerate(accs)]
-    return {"config": {}, "lr": lr, "forwards_per_step": per_step, "train_time_s": curve[-1]["train_s"],
-            "curve": curve}
+    curve = [
+        {"forwards": i * every, "train_s": i * every * s_per_pass, "accuracy": a, "loss": 1.0, "n": 300}
+        for i, a in enumerate(accs)
+    ]
+    return {
+        "config": {},
+        "lr": lr,
+        "forwards_per_step": per_step,
+        "train_time_s": curve[-1]["train_s"],
+        "curve": curve,
+    }
 
 
 def test_fastest_lr_is_compared_with_mezo_fastest_and_all_three_conditions_decide(conv):
     sweep = {
-        "mezo@1": conv.mean_curves([{"k": run([0.5, 0.5, 0.55, 0.6, 0.62, 0.65])}])["k"],  # best final: target
-        "mezo@3": conv.mean_curves([{"k": run([0.5, 0.6, 0.63, 0.65, 0.64, 0.63])}])["k"],  # fastest: 30 passes
+        "mezo@1": conv.mean_curves([{"k": run([0.5, 0.5, 0.55, 0.6, 0.62, 0.65])}])[
+            "k"
+        ],  # best final: target
+        "mezo@3": conv.mean_curves([{"k": run([0.5, 0.6, 0.63, 0.65, 0.64, 0.63])}])[
+            "k"
+        ],  # fastest: 30 passes
         "fast@1": conv.mean_curves([{"k": run([0.5, 0.66, 0.66, 0.66, 0.66, 0.66], s_per_pass=0.04)}])["k"],
         "dear@1": conv.mean_curves([{"k": run([0.5, 0.66, 0.66, 0.66, 0.66, 0.66], s_per_pass=0.3)}])["k"],
         "drops@1": conv.mean_curves([{"k": run([0.5, 0.66, 0.6, 0.55, 0.5, 0.5], s_per_pass=0.01)}])["k"],
@@ -58,14 +71,27 @@ def test_fastest_lr_is_compared_with_mezo_fastest_and_all_three_conditions_decid
 
 def test_merge_runs_averages_seeds_across_files_and_refuses_a_seed_twice(conv, tmp_path):
     a, b = tmp_path / "a.runs.json", tmp_path / "b.runs.json"
-    a.write_text(json.dumps({"lr": 1e-3, "eps": 1e-3, "runs": [{"mezo@1": run([0.5, 0.6])}]}))  # seeds not recorded
-    b.write_text(json.dumps({"lr": 1e-3, "eps": 1e-3, "seeds": [1, 2],
-                             "runs": [{"mezo@1": run([0.5, 0.7])}, {"mezo@1": run([0.5, 0.8]), "x@1": run([0.5, 0.9])}]}))
+    a.write_text(
+        json.dumps({"lr": 1e-3, "eps": 1e-3, "runs": [{"mezo@1": run([0.5, 0.6])}]})
+    )  # seeds not recorded
+    b.write_text(
+        json.dumps(
+            {
+                "lr": 1e-3,
+                "eps": 1e-3,
+                "seeds": [1, 2],
+                "runs": [{"mezo@1": run([0.5, 0.7])}, {"mezo@1": run([0.5, 0.8]), "x@1": run([0.5, 0.9])}],
+            }
+        )
+    )
     sweep, settings = conv.merge_runs([f"{a}:0", str(b)])
     assert settings == {"lr": 1e-3, "eps": 1e-3}
     assert sweep["mezo@1"]["seeds"] == 3 and sweep["mezo@1"]["seed_list"] == [0, 1, 2]
     last = sweep["mezo@1"]["curve"][-1]
-    assert last["accuracy"] == pytest.approx(0.7) and (last["accuracy_min"], last["accuracy_max"]) == (0.6, 0.8)
+    assert last["accuracy"] == pytest.approx(0.7) and (last["accuracy_min"], last["accuracy_max"]) == (
+        0.6,
+        0.8,
+    )
     assert sweep["x@1"]["seeds"] == 1
     with pytest.raises(SystemExit, match="twice"):
         conv.merge_runs([f"{a}:1", str(b)])

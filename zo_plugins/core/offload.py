@@ -228,7 +228,9 @@ class BlockOffload:
                 "update-on-arrival schedule applies."
             )
         for i, b in enumerate(self.blocks):
-            self._handles.append(b.register_forward_pre_hook(lambda m, a, i=i: self._internal(self.arrive, i)))
+            self._handles.append(
+                b.register_forward_pre_hook(lambda m, a, i=i: self._internal(self.arrive, i))
+            )
             self._handles.append(
                 b.register_forward_hook(lambda m, a, o, i=i: self._internal(self.depart, i), always_call=True)
             )

@@ -41,6 +41,7 @@ def internal_reads() -> Iterator[None]:
 def in_internal_reads() -> bool:
     return getattr(_INTERNAL, "on", False)
 
+
 __all__ = [
     "ParamSpec",
     "HALF_DTYPES",
