@@ -227,3 +227,32 @@ def test_directional_derivative_clipping_is_counted_in_both_loops(tmp_path, back
     lt.fit(module, torch.utils.data.DataLoader(lm_dataset(n=12), batch_size=4))
     assert float(lt.logged_metrics["zo_clipped_steps"]) == 3.0
     assert abs(float(lt.logged_metrics["projected_grad"])) == pytest.approx(clip)
+
+
+def test_zo_qlora_through_the_stock_trainer_resumes_bit_exactly(tmp_path):
+    """ZO QLoRA (adapters on an NF4 base) through the stock Trainer + ZOCallback: a run resumed
+    from its step-2 checkpoint ends with the uninterrupted run's adapters bit for bit."""
+    peft = pytest.importorskip("peft")
+    if not quant_available("bnb-nf4"):
+        pytest.skip("bitsandbytes not installed")
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(
+            tiny_quantized_llama("bnb-nf4"),
+            peft.LoraConfig(
+                r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+            ),
+        )
+        tf.Trainer(
+            model=model,
+            args=args_for(tmp_path, learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2),
+            train_dataset=lm_dataset(),
+            callbacks=[ZOCallback(eps=1e-2)],
+        ).train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = run()
+    resumed = run(str(tmp_path / "out" / "checkpoint-2"))
+    assert full.keys() == resumed.keys() and len(full) > 0
+    assert_same(full, resumed)
