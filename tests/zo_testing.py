@@ -262,3 +262,18 @@ def frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
     out.update({f"buffer:{n}": b.detach().clone() for n, b in model.named_buffers()})
     out.update(frozen_codes(model))
     return out
+
+
+def tiny_word_tokenizer():
+    """A word-level tokenizer over ``w0`` .. ``w59`` (+ pad, eos, unk: ids 60-62), matching the
+    tiny models' 64-token vocabulary; TRL and the docs snippets need a real tokenizer object."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(60)}
+    vocab.update({"<pad>": 60, "<eos>": 61, "<unk>": 62})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )

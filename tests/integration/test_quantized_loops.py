@@ -80,18 +80,24 @@ def test_zo_trainer_trains_the_scales_of_a_purely_quantized_model(tmp_path, back
     assert_same(scales_state_dict(replay(tiny_quantized_llama(backend), log)), final)
 
 
+def tiny_qlora(peft):
+    """LoRA r=2 on q_proj / v_proj (B not zero, so the adapters act from the first step) over
+    a tiny NF4 Llama."""
+    return peft.get_peft_model(
+        tiny_quantized_llama("bnb-nf4"),
+        peft.LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
+        ),
+    )
+
+
 def test_zo_qlora_through_the_stock_trainer(tmp_path):
     """PEFT LoRA on a 4-bit base: the stock Trainer accepts it, ZOCallback trains the adapters
     only (quantized='auto' -> 'adapters'); codes and scales stay bit-identical."""
     peft = pytest.importorskip("peft")
     if not quant_available("bnb-nf4"):
         pytest.skip("bitsandbytes not installed")
-    model = peft.get_peft_model(
-        tiny_quantized_llama("bnb-nf4"),
-        peft.LoraConfig(
-            r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
-        ),
-    )
+    model = tiny_qlora(peft)
     lora = {f"param:{n}" for n, p in model.named_parameters() if p.requires_grad}
     before, scales = frozen_state(model), scales_state_dict(model)
     cb = ZOCallback(eps=1e-2)
@@ -238,12 +244,7 @@ def test_zo_qlora_through_the_stock_trainer_resumes_bit_exactly(tmp_path):
 
     def run(resume=None):
         torch.manual_seed(0)
-        model = peft.get_peft_model(
-            tiny_quantized_llama("bnb-nf4"),
-            peft.LoraConfig(
-                r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=False
-            ),
-        )
+        model = tiny_qlora(peft)
         tf.Trainer(
             model=model,
             args=args_for(tmp_path, learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2),

@@ -18,16 +18,9 @@ from zo_plugins.core.optimizer import materialize_direction  # noqa: E402
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from zo_testing import tiny_word_tokenizer
 
-    vocab = {f"w{i}": i for i in range(60)}
-    vocab.update({"<pad>": 60, "<eos>": 61, "<unk>": 62})
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return tiny_word_tokenizer()
 
 
 def dataset(n=32):
