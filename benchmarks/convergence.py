@@ -35,8 +35,11 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import pathlib
+import platform
 import sys
+import textwrap
 import time
 
 import torch
@@ -815,8 +818,35 @@ def goal_table(goal: dict) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """The machine a run measured on, for its JSON and its figures' captions."""
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def caption(report: dict) -> str:
+    """What a figure says under its title: the command, the machine and the date of its JSON."""
+    command = report.get("command") or "benchmarks/convergence.py (command not recorded)"
+    text = f"{command} -- {report.get('machine', 'machine not recorded')}, {report.get('date', '?')}"
+    return "\n".join(textwrap.wrap(text, 170))
+
+
+def _finish(fig, path: pathlib.Path, note: str) -> None:
+    if note:  # under the axes, as the source line of a figure
+        fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=7, color="0.3")
+        fig.tight_layout(rect=(0, 0.035 * (note.count("\n") + 1), 1, 1))
+    else:
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def plot_goal(
-    sweep: dict, goal: dict, path: pathlib.Path, title: str = "", step_cost: dict | None = None
+    sweep: dict,
+    goal: dict,
+    path: pathlib.Path,
+    title: str = "",
+    step_cost: dict | None = None,
+    note: str = "",
 ) -> bool:
     """Accuracy against forward passes and against training seconds, each method at the learning
     rate of ``goal_table`` (its fastest to the target, else its best final accuracy)."""
@@ -854,13 +884,11 @@ def plot_goal(
         ylabel="held-out accuracy (seed mean)",
     )
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _finish(fig, path, note)
     return True
 
 
-def plot(results: dict, path: pathlib.Path) -> bool:
+def plot(results: dict, path: pathlib.Path, note: str = "") -> bool:
     try:
         import matplotlib
 
@@ -877,14 +905,15 @@ def plot(results: dict, path: pathlib.Path) -> bool:
     axes[0].set(xlabel="forward passes", ylabel="held-out accuracy")
     axes[1].set(xlabel="forward passes", ylabel="held-out LM loss of the label word (full vocabulary)")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _finish(fig, path, note)
     return True
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre_ap = argparse.ArgumentParser(add_help=False)  # --define first: it adds --variants choices
+    pre_ap.add_argument("--define", nargs="+", default=[])
+    pre, _ = pre_ap.parse_known_args()
     ap.add_argument(
         "--define",
         nargs="+",
@@ -893,7 +922,6 @@ def main() -> None:
         help='add variants: NAME={"ZOConfig field": value, ...} (lr multiplier 1), e.g. '
         '\'hizoo-a0.01={"estimator": "hizoo", "optimizer": "hizoo", "hessian_smooth": 0.01}\'',
     )
-    pre, _ = ap.parse_known_args()
     for item in pre.define:
         name, _, cfg = item.partition("=")
         VARIANTS[name] = (json.loads(cfg), 1.0)
@@ -1020,6 +1048,8 @@ def main() -> None:
             json.dumps(
                 {
                     "date": time.strftime("%Y-%m-%d"),
+                    "machine": machine(),
+                    "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]),
                     "merged_from": args.merge_runs,
                     **settings,
                     "n_eval": n_eval,
@@ -1031,7 +1061,18 @@ def main() -> None:
         )
         print(goal_table(goal))
         png = args.plot_dir / f"convergence-{args.merged_name}-goal.png"
-        if goal and plot_goal(sweep, goal, png, args.merged_name, step_cost):
+        files = ", ".join(
+            pathlib.Path(f.split(":")[0]).name.removesuffix(".runs.json") for f in args.merge_runs
+        )
+        note = caption(
+            {
+                "command": f"benchmarks/convergence.py, seed means over the sittings {files} "
+                "(their commands: docs/benchmarks.md)",
+                "machine": machine(),
+                "date": time.strftime("%Y-%m-%d"),
+            }
+        )
+        if goal and plot_goal(sweep, goal, png, args.merged_name, step_cost, note):
             print(f"plot: {png}")
         print(f"wrote {out}")
         return
@@ -1060,13 +1101,15 @@ def main() -> None:
         report["summary"] = summarize(report["results"], report["n_eval"], merged_sweep)
         print(markdown_table(report))
         png = args.plot_dir / (args.report[0].stem + ".png")
-        if plot(report["results"], png):
+        if plot(report["results"], png, caption(report)):
             print(f"plot: {png}")
         if merged_sweep:
             report["goal"] = goal_summary(merged_sweep, report["n_eval"])
             print("\n" + goal_table(report["goal"]))
             png = args.plot_dir / (args.report[0].stem + "-goal.png")
-            if report["goal"] and plot_goal(merged_sweep, report["goal"], png, report.get("trainable", "")):
+            if report["goal"] and plot_goal(
+                merged_sweep, report["goal"], png, report.get("trainable", ""), note=caption(report)
+            ):
                 print(f"plot: {png}")
         if len(args.report) > 1:
             report["merged_from"] = [str(r) for r in args.report]
@@ -1272,6 +1315,8 @@ def write_step_times(args, times: dict) -> None:
         json.dumps(
             {
                 "date": time.strftime("%Y-%m-%d"),
+                "machine": machine(),
+                "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]),
                 "trainable": args.trainable,
                 "top_blocks": top_blocks(args),
                 "batch_size": args.batch_size,
@@ -1349,6 +1394,8 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
     goal = goal_summary(sweep, n_eval) if sweep else {}
     report = {
         "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]),
         "trainable": args.trainable,
         "budget": args.budget,
         "cached": args.cached,
@@ -1386,12 +1433,12 @@ def write_report(args, results: dict, n_eval: int, final: bool) -> None:
             f"{summary['mezo_gain_in_standard_errors']:.1f} standard errors ({summary['accuracy_standard_error']:.3f} each)"
         )
     png = args.plot_dir / f"convergence-{report_tag(args)}.png"
-    if results and plot(results, png):
+    if results and plot(results, png, caption(report)):
         print(f"plot: {png}")
     if goal:
         print("\n" + goal_table(goal) + "\n")
         png = args.plot_dir / f"convergence-{report_tag(args)}-goal.png"
-        if plot_goal(sweep, goal, png, report_tag(args)):
+        if plot_goal(sweep, goal, png, report_tag(args), note=caption(report)):
             print(f"plot: {png}")
     print(f"wrote {out}")
 

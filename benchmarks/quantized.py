@@ -538,8 +538,11 @@ def plot(mem_json: Path, out_png: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("training memory (MiB): weights + peak RSS growth of a step")
     b, s = rep["batch"], rep["seq"]
+    m = rep["machine"]
     ax.set_title(
-        f"SmolLM2-135M, batch {b} x {s}, {rep['machine']['threads']} CPU threads ({rep['machine']['date']})"
+        f"SmolLM2-135M, batch {b} x {s}: {m['threads']} threads on {m['cores']} {m['cpu']} cores, "
+        f"torch {m['torch']}, {m['date']}\npython benchmarks/quantized.py --part memory",
+        fontsize=9,
     )
     ax.set_xlim(0, max(a + c for a, c in zip(w, g)) * 1.35)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
@@ -581,7 +584,13 @@ def plot_accuracy(paths: list[Path], out_png: Path) -> None:
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("ZO steps (batch 16, the same batches in every run)")
     ax.set_ylabel(f"accuracy on {runs[0]['curve'][0].get('n', 200)} held-out snippets")
-    ax.set_title(f"SmolLM2-135M on Rotten Tomatoes, {rep['machine']['date']}")
+    m = rep["machine"]
+    ax.set_title(
+        f"SmolLM2-135M on Rotten Tomatoes: {m['threads']} threads on {m['cores']} {m['cpu']} cores, "
+        f"torch {m['torch']}, {m['date']}\npython benchmarks/quantized.py --part accuracy "
+        "(each run's flags: docs/quantized.md)",
+        fontsize=8,
+    )
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
@@ -618,8 +627,13 @@ def main() -> None:
         help="per-mode clip_projected_grad (QZO's clipping), e.g. '{\"int8-scales\": 1000}'",
     )
     ap.add_argument("--tag", default="", help="suffix of the output file")
+    ap.add_argument(
+        "--host",
+        default=socket.gethostname(),
+        help="--part plot: draw the results this host wrote (the docs quote host 'vm')",
+    )
     args = ap.parse_args()
-    host = socket.gethostname()
+    host = args.host
     if args.child:
         res = (
             child_memory(args.child, args.batch, args.seq, args.repeats, args.threads)

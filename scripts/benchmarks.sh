@@ -31,6 +31,7 @@ plots() {
   python benchmarks/plots.py step-cost "$R/step_cost-vm.json"
   python benchmarks/plots.py offload "$R/offload-vm.json"
   python benchmarks/scaling.py --plot "$R/scaling-vm.json" --png docs/img/scaling.png
+  python benchmarks/quantized.py --part plot --host vm
   # convergence.py --report rewrites the JSON it reads (its summary): draw from a copy
   tmp=$(mktemp -d)
   for name in convergence-final-norm-cached-300 convergence-final-norm-cached-1200 \

@@ -13,6 +13,8 @@ tests/docs/test_snippets.py; in short:
   ``continue``        python: run in the namespace the previous python block of the page
                       left (its names, its model as it was trained)
   ``skip=REASON``     any block: not run; the reason (no ``;`` in it) is listed by the suite
+  ``launch=N``        python: run in N torchrun processes (snippet_worker.py); the ranks'
+                      weights must agree bit for bit and have moved from the start
   ``files=A,B``       bash: names of the user's own files (``train.py``) that need not exist
                       in the repository; a command naming one is checked, not run
   ==================  ======================================================================

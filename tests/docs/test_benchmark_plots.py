@@ -29,3 +29,23 @@ def test_every_embedded_figure_exists_and_its_page_names_the_command():
         for m in re.finditer(r"!\[[^\]]*\]\((img/[^)]+)\)", text):
             assert (ROOT / "docs" / m.group(1)).is_file(), f"{page.name}: {m.group(1)} is missing"
             assert "python benchmarks/" in text, f"{page.name} embeds {m.group(1)} but names no command"
+
+
+def test_convergence_reports_and_figures_carry_machine_date_and_command(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+    import subprocess
+
+    runs = ROOT / "benchmarks" / "results" / "convergence-lora-top2-cached-issue14-seed0.runs.json"
+    cmd = [sys.executable, "benchmarks/convergence.py", "--merge-runs", str(runs), "--merged-name", "t"]
+    cmd += ["--output", str(tmp_path), "--plot-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "convergence-t.json").read_text())
+    assert report["command"].startswith("python benchmarks/convergence.py --merge-runs")
+    assert "-core" in report["machine"] and "torch" in report["machine"] and report["date"][:2] == "20"
+    assert (tmp_path / "convergence-t-goal.png").stat().st_size > 10_000
+    import convergence
+
+    note = convergence.caption({"command": "python benchmarks/convergence.py --x", "machine": "M", "date": "D"})
+    assert note == "python benchmarks/convergence.py --x -- M, D"

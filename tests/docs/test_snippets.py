@@ -12,8 +12,9 @@ Conventions (also in docs/contributing.md), read from the Markdown itself:
   ``build_model()``, and a saved copy of the starting weights in ``./base-model`` (``path``
   names it). Imports are
   the snippet's job: the namespace holds no modules. ``<!-- snippet: setup=NAME -->`` picks
-  another namespace (``NAMESPACES`` below), ``<!-- snippet: continue -->`` continues the
-  previous python block of the page. Only the scale changes: every ``TrainingArguments``
+  another namespace (``NAMESPACES`` in snippet_namespaces.py), ``<!-- snippet: continue -->`` continues the
+  previous python block of the page, ``<!-- snippet: launch=N -->`` runs it in N torchrun
+  processes (``launch_group``). Only the scale changes: every ``TrainingArguments``
   (and ``SFTConfig``) is capped at ``MAX_STEPS`` steps and reports nowhere.
 * ``bash`` blocks are checked command by command: scripts named (``bash X.sh``,
   ``python X.py``) must exist and every ``--flag`` given to a Python script must be defined in
@@ -56,101 +57,11 @@ from docs_snippets import (
     python_groups,
     script_flags,
 )
+from snippet_namespaces import MAX_STEPS, NAMESPACES
 
 BLOCKS = all_blocks()
 GROUPS = python_groups(BLOCKS)
-MAX_STEPS = 2
 MAX_SKIPPED = 8
-
-
-# ---- namespaces -------------------------------------------------------------------------
-
-
-def _collate(rows):
-    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def _tokenizer():
-    from zo_testing import tiny_word_tokenizer
-
-    return tiny_word_tokenizer()
-
-
-def _hf_namespace(kind: str) -> dict:
-    from transformers import TrainingArguments
-    from zo_testing import lm_dataset, tiny_hf_model
-
-    model = tiny_hf_model(kind)
-    model.save_pretrained("base-model")
-    rows = lm_dataset(n=16, length=12)
-    train, dev = rows[:12], rows[12:]
-
-    def my_loss(outputs, labels, num_items_in_batch=None):
-        logits = outputs.logits[:, :-1].flatten(0, 1)
-        return torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten())
-
-    args = TrainingArguments(
-        output_dir="out",
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=MAX_STEPS,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    return {
-        "model": model,
-        "build_model": lambda: tiny_hf_model(kind),
-        "batch": _collate(rows[:4]),
-        "loader": [_collate(rows[i : i + 4]) for i in (0, 4)],
-        "train": train,
-        "dev": dev,
-        "train_ds": train,
-        "dev_ds": dev,
-        "ds": train,
-        "dataset": train,
-        "args": args,
-        "my_loss": my_loss,
-        "path": "base-model",  # a save_pretrained directory of the starting weights
-        "tok": _tokenizer(),
-        "tokenizer": _tokenizer(),
-    }
-
-
-def _sft_namespace() -> dict:
-    import datasets
-
-    ns = _hf_namespace("llama")
-    g = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(0, 60, (10,), generator=g).tolist()} for _ in range(8)]
-    ns["ds"] = ns["train"] = datasets.Dataset.from_list(rows)
-    return ns
-
-
-def _cls_namespace() -> dict:
-    ns = _hf_namespace("llama")
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"][-1]} for r in ns["train"] + ns["dev"]]
-    ns.update(
-        train=rows[:12],
-        dev=rows[12:],
-        train_ds=rows[:12],
-        dev_ds=rows[12:],
-        ds=rows[:12],
-        dataset=rows[:12],
-        batch=_collate(rows[:4]),
-        loader=[_collate(rows[i : i + 4]) for i in (0, 4)],
-    )
-    return ns
-
-
-NAMESPACES = {
-    "none": dict,
-    "tiny": lambda: _hf_namespace("llama"),  # the default
-    "tiny_opt": lambda: _hf_namespace("opt"),  # model.model.decoder.layers, for FSDP2 snippets
-    "tiny_cls": _cls_namespace,  # labels: one token id per row (classification objectives)
-    "sft": _sft_namespace,  # ds: a datasets.Dataset of token ids, as TRL takes it
-}
 
 
 def _free_port() -> int:
@@ -209,7 +120,7 @@ def test_every_block_is_classified():
 
 
 def test_directives_are_known():
-    known = {"setup", "continue", "skip", "files"}
+    known = {"setup", "continue", "skip", "files", "launch"}
     bad = [f"{b.id}: {k}" for b in BLOCKS for k in b.directives if k not in known]
     assert not bad, f"unknown snippet directives {bad} (known: {sorted(known)})"
     bad_setup = [b.id for b in BLOCKS if b.directives.get("setup", "tiny") not in NAMESPACES]
@@ -253,7 +164,48 @@ def test_python_block_runs(group, snippet_env, monkeypatch):
     first = group[0]
     if "skip" in first.directives:
         pytest.skip(first.directives["skip"])
-    run_group(group, monkeypatch)
+    if "launch" in first.directives:
+        launch_group(group, int(first.directives["launch"]), snippet_env)
+    else:
+        run_group(group, monkeypatch)
+
+
+def launch_group(group, nproc: int, out: Path) -> list[dict]:
+    """Run a ``launch=N`` block in N torchrun processes (gloo, CPU); every rank must end with
+    bit-identical weights, trained away from the start."""
+    first = group[0]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        str(Path(__file__).with_name("snippet_worker.py")),
+        str(first.page),
+        str(first.line),
+        str(out),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1")
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"{first.id}: {nproc} processes still running after 300 s:\n{e.stderr}"
+        ) from None
+    assert proc.returncode == 0, f"{first.id} under torchrun:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
+    assert [r["world"] for r in ranks] == [nproc] * nproc, f"{first.id} started no process group of {nproc}"
+    for r in ranks[1:]:
+        for name, t in ranks[0]["params"].items():
+            assert torch.equal(t.view(torch.uint8), r["params"][name].view(torch.uint8)), (
+                f"{first.id}: rank {r['rank']} ends with other bits in {name}"
+            )
+    moved = [n for n, t in ranks[0]["params"].items() if not torch.equal(t, ranks[0]["start"][n])]
+    assert moved, f"{first.id}: the block trained nothing"
+    return ranks
 
 
 def run_group(group, monkeypatch) -> dict:
@@ -290,6 +242,18 @@ def test_the_runner_fails_a_broken_block_and_continues_a_namespace(tmp_path, sni
     assert run_group(groups[0], monkeypatch)["x"] == MAX_STEPS + 1  # the cap applies, names carry over
     with pytest.raises(NameError):
         run_group(groups[1], monkeypatch)  # setup=none: no stand-ins
+
+
+def test_launched_blocks_must_agree_across_ranks(tmp_path, snippet_env):
+    page = tmp_path / "p.md"
+    page.write_text(
+        "<!-- snippet: launch=2 -->\n```python\nimport torch\nimport torch.distributed as dist\n"
+        "dist.init_process_group('gloo')\nmodel = build_model()\nwith torch.no_grad():\n"
+        "    next(model.parameters()).add_(dist.get_rank())\n```\n"
+    )
+    (group,) = python_groups(extract_blocks(page))
+    with pytest.raises(AssertionError, match="rank 1 ends with other bits"):
+        launch_group(group, 2, tmp_path)
 
 
 # ---- bash -------------------------------------------------------------------------------
@@ -457,13 +421,19 @@ def test_yaml_block_parses_and_resolves(block, snippet_env):
 JSON = [b for b in BLOCKS if b.lang == "json"]
 
 
-@pytest.mark.parametrize("block", JSON, ids=[b.id for b in JSON])
-def test_json_block_parses(block):
-    if "skip" in block.directives:
-        pytest.skip(block.directives["skip"])
+def test_json_blocks_parse():
+    """Every ``json`` block is valid JSON (one test for them all: the docs may hold none)."""
     import json
 
-    json.loads(block.code)
+    bad = []
+    for block in JSON:
+        if "skip" in block.directives:
+            continue
+        try:
+            json.loads(block.code)
+        except json.JSONDecodeError as e:
+            bad.append(f"{block.id}: {e}")
+    assert not bad, f"json blocks that do not parse: {bad}"
 
 
 # ---- the site ----------------------------------------------------------------------------
