@@ -47,5 +47,7 @@ def test_convergence_reports_and_figures_carry_machine_date_and_command(tmp_path
     assert (tmp_path / "convergence-t-goal.png").stat().st_size > 10_000
     import convergence
 
-    note = convergence.caption({"command": "python benchmarks/convergence.py --x", "machine": "M", "date": "D"})
+    note = convergence.caption(
+        {"command": "python benchmarks/convergence.py --x", "machine": "M", "date": "D"}
+    )
     assert note == "python benchmarks/convergence.py --x -- M, D"
