@@ -156,7 +156,7 @@ def test_the_first_step_reads_each_block_once_and_leaves_no_page_resident(tmp_pa
     files = sorted(str(p) for p in tmp_path.glob("block-*.safetensors"))
     assert _mapped_rss_kib(files) == 0
     assert opt.offload.visits == len(files) and opt.offload.bytes_in == sum(os.path.getsize(f) for f in files)
-    assert opt._weight_norm == pytest.approx(ref_opt._weight_norm, rel=1e-12)
+    assert opt._watch.weight_norm == pytest.approx(ref_opt._watch.weight_norm, rel=1e-12)
     assert opt.offload.sumsq is None  # measured once
 
 

@@ -7,8 +7,9 @@ schedulers work unchanged).
 
 The pieces it orchestrates live in their own modules: the step plan (``plan``), the
 estimators and update rules (registries in ``estimators`` and ``updates``), the perturbation
-modes (``perturbation``), backend dispatch (``backend``), the trajectory recorder
-(``recorder``) and the one collective (``distributed``).
+modes (``perturbation``), backend dispatch (``backend``), the schedule and the updates left to
+offloaded blocks (``schedule``), the update norms and divergence warnings (``watch``), the
+trajectory recorder (``recorder``) and the one collective (``distributed``).
 
 Integrations (the HF callback, the Lightning strategies; ``integrations/driver.py``) use the
 two halves separately: ``estimate(closure, step=t)`` once per micro-batch -- the weights are
@@ -34,23 +35,21 @@ from .distributed import all_reduce_projected_grads, check_launch
 from .estimators import Probe, ZOEstimate, as_float_loss, cge_coordinates, get_estimator
 from .interrupts import deferred_interrupts
 from .noise import PHILOX_GAUSSIAN, STREAM_VERSION
-from .offload import BlockOffload
 from .pairs import PairParallel
 from .params import build_blocks, build_group_specs, model_names, model_order, resolve_modes
 from .passes import ParamSpec
 from .perturbation import direction_tensor
 from .plan import StepPlan, make_plan, step_seeds
 from .recorder import Recorder
+from .schedule import Deferred, resolve_schedule
 from .sharding import check_sharded_config, localize_specs, make_perturber, prepare_model
 from .trajectory import FORMAT, VERSION, weights_hash
 from .updates import get_update_rule, init_state
+from .watch import StepWatch
 
 __all__ = ["ZOOptimizer", "ZOStepInfo", "ZOEstimate", "materialize_direction"]
 
 logger = logging.getLogger("zo_plugins")
-
-UPDATE_NORM_WARNING = 1.0
-"""Warn when one update moves the trainable weights by more than this fraction of their norm."""
 
 
 @dataclass
@@ -167,9 +166,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._quantized.prepare()
         self._configure()
         self.perturber = make_perturber(model, cfg, self.specs(), on_shift=self._record_shift)
-        self.offload: BlockOffload | None = None
-        self._deferred: dict[str, dict[str, Any]] = {}  # offloaded tensors' updates not yet applied
-        self.schedule = self._resolve_schedule()
+        self.schedule, self.offload = resolve_schedule(
+            cfg, model, self.specs(), self._quantized, self.perturber
+        )
+        self._deferred = Deferred(
+            self.offload, lambda: self._passes
+        )  # offloaded tensors' updates (core.schedule)
         self._plan: StepPlan | None = None
         self._step = 0
         self._thresholds: dict[str, float] = {}  # sparsity_threshold='initial': h per tensor name
@@ -179,9 +181,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._history: list[list[tuple[int, float]]] = []  # stateless momentum: recent terms
         self._recorder = Recorder(cfg.trajectory_path) if cfg.trajectory_path else None
         self._validated = not any(s.in_place for s in self.specs())  # out of place: nothing to protect
-        self._weight_norm: float | None = None
-        self._warned_update = False
-        self._first_loss: float | None = None
+        self._watch = StepWatch()  # update norms, the divergence warnings (core.watch)
         self.last_step = ZOStepInfo()
         check_launch()
 
@@ -235,60 +235,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.stream = self._resolve_stream()
         self._ordered = model_order(self.specs(), self.model)
         self._blocks = build_blocks(self._ordered)
-
-    def _resolve_schedule(self) -> str:
-        """'one-visit' (both perturbed forwards in one pass; offload) or 'per-forward'."""
-        cfg = self.config
-        schedule = cfg.schedule
-        if schedule == "auto":
-            schedule = "one-visit" if cfg.offload else "per-forward"
-        if schedule == "per-forward":
-            return schedule
-        if self.model is None:
-            raise ValueError(
-                f"schedule='one-visit'{' / offload' if cfg.offload else ''} needs the model: use "
-                "ZOOptimizer(model, ...)."
-            )
-        if cfg.estimator != "spsa":
-            raise ValueError(
-                f"schedule='one-visit' (and offload) pairs the +eps and -eps forwards of estimator='spsa'; "
-                f"estimator={cfg.estimator!r} evaluates other points: use schedule='per-forward' without offload."
-            )
-        inplace = [s.name for s in self.specs() if s.in_place]
-        if inplace:
-            raise ValueError(
-                f"schedule='one-visit' perturbs out of place; {inplace[0]!r} is set to be perturbed in place "
-                "(perturbation='in-place'): use perturbation='auto' or 'out-of-place'."
-            )
-        if self._quantized.scales:
-            raise ValueError(
-                f"schedule='one-visit'{' / offload' if cfg.offload else ''} cannot run a quantized model "
-                f"({len(self._quantized.scales)} quantized layers, e.g. {self._quantized.scales[0].name!r}): "
-                "the quantized layers' own tensor types are not streamed. Use schedule='per-forward' (the "
-                "default without offload) -- a 4-bit model is already a fraction of its float size."
-            )
-        if any(s.source is not None for s in self.specs()):
-            raise ValueError(
-                f"schedule='one-visit'{' / offload' if cfg.offload else ''} cannot run on FSDP2 shards: FSDP "
-                "gathers each group for one forward at a time. Use schedule='per-forward' (the default "
-                "without offload) with fully_shard, or offload without sharding."
-            )
-        from .dual import DualUnits, NotDual
-        from .offload import BlockOffload, find_blocks
-
-        _, blocks = find_blocks(self.model)
-        try:
-            self.perturber.dual_units = DualUnits(self.model, blocks)
-        except NotDual as e:
-            raise ValueError(f"schedule='one-visit' cannot run this model: {e}") from None
-        if cfg.offload:
-            existing = getattr(self.model, "_zo_offload", None)
-            if isinstance(existing, BlockOffload) and existing.mode == cfg.offload:
-                self.offload = existing
-            else:
-                self.offload = BlockOffload(self.model, cfg.offload, cfg.offload_dir)
-                self.model._zo_offload = self.offload  # type: ignore[attr-defined]
-        return schedule
 
     def flush(self) -> None:
         """Apply the updates offloaded blocks have not received yet (they arrive with the next
@@ -490,12 +436,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _apply_directions(self, plan: StepPlan, projected_grads, restore, groups) -> None:
         cfg = self.config
         if self.rule.apply is not None:  # a rule with its own pass (HiZOO)
-            self._grad_norm = self._update_norm = float("nan")
+            self._watch.clear()
             self.rule.apply(self, plan, projected_grads, restore, groups)
             return
         terms = self._direction_terms(plan, projected_grads)
         rule = self.rule.pass_rule(cfg)
-        self._note_update_size(plan, terms, rule, groups, projected_grads)
+        self._watch.note_update(
+            plan, terms, rule, groups, projected_grads, self.specs(), self.offload, self.config.chunk_size
+        )
         passes: Passes = plan.passes
         for lr, wd, specs in groups:
             if not specs:
@@ -507,7 +455,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                     resident = [sp for sp in specs if not self.offload.owns(sp)]
                     for sp in specs:
                         if self.offload.owns(sp) and (update or kw["decay"]):
-                            self._defer(sp, dict(kw, update=update, round_seed=plan.round_seed))
+                            self._deferred.add(sp, dict(kw, update=update, round_seed=plan.round_seed))
                     specs = resident
                 passes.update_group(specs, restore=restore, update=update, round_seed=plan.round_seed, **kw)
                 continue
@@ -537,18 +485,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 round_seed=plan.round_seed,
             )
 
-    def _defer(self, spec: ParamSpec, kwargs: dict[str, Any]) -> None:
-        """Queue an offloaded tensor's update pass for its block's next arrival."""
-        self._deferred[spec.name] = kwargs
-        passes = self._passes
-
-        def apply(sp: ParamSpec, kw=kwargs) -> None:
-            if self._deferred.get(sp.name) is kw:
-                del self._deferred[sp.name]
-            passes.update(sp, restore=[], **kw)
-
-        self.offload.defer(spec, apply)
-
     def _apply_coordinates(self, plan: StepPlan, projected_grads: Sequence[float]) -> None:
         group_of = {id(sp): g for g, gspecs in zip(self.param_groups, self._specs) for sp in gspecs}
         with torch.no_grad():
@@ -560,71 +496,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                 flat = spec.param.data.view(-1)
                 x = flat[i].double()
                 flat[i] = (x - lr * (g + wd * x)).to(flat.dtype)
-
-    def _note_update_size(self, plan: StepPlan, terms, rule, groups, projected_grads) -> None:
-        """Record the norms of the gradient estimate and of the update, and warn once when one
-        update moves the weights by more than their norm: a backprop-sized learning rate,
-        which diverges under ZO."""
-        own = math.sqrt(sum((g / len(plan.seeds)) ** 2 for g in projected_grads))
-        dims = sum(s.global_numel for _, _, specs in groups for s in specs)
-        self._grad_norm = own * math.sqrt(dims)
-        amp = math.sqrt(sum(c * c for _, c in terms)) if rule in (None, "momentum") else 1.0
-        sq = sum((lr * amp) ** 2 * sum(s.global_numel for s in specs) for lr, _, specs in groups)
-        norm = math.sqrt(sq)
-        self._update_norm = norm
-        if self._warned_update or not math.isfinite(norm) or norm == 0.0:
-            return
-        if self._weight_norm is None:
-            off = self.offload
-            with torch.no_grad():
-                self._weight_norm = math.sqrt(  # a shard's sum scaled to its whole tensor (an estimate)
-                    sum(
-                        _sum_of_squares(s.param, self.config.chunk_size)
-                        * s.global_numel
-                        / max(s.param.numel(), 1)
-                        for s in self.specs()
-                        if off is None or not off.owns(s)
-                    )
-                    # offloaded blocks: their sums taken on this step's visits (core.offload)
-                    + (sum(off.sumsq.values()) if off is not None and off.sumsq else 0.0)
-                )
-            if off is not None:
-                off.sumsq = None
-        if self._weight_norm > 0 and norm > UPDATE_NORM_WARNING * self._weight_norm:
-            self._warned_update = True
-            lrs = sorted({lr for lr, _, _ in groups})
-            logger.warning(
-                "ZO step %d moves the trainable weights by %.3g times their norm (lr=%s, |projected "
-                "grad|=%.3g): a backprop-sized learning rate diverges under zeroth-order training. "
-                "ZO needs learning rates 100-10,000x smaller: MeZO uses 1e-7 to 1e-5 for full-parameter "
-                "fine-tuning and 1e-5 to 1e-3 for LoRA (with eps 1e-3 / 1e-2).",
-                plan.step,
-                norm / self._weight_norm,
-                lrs[0] if len(lrs) == 1 else lrs,
-                max(abs(g) for g in projected_grads),
-            )
-
-    def _watch_divergence(self, step: int, est: ZOEstimate) -> None:
-        """Warn once when the loss has grown tenfold since the first step (minimising): a run
-        that diverges, most often from a backprop-sized learning rate."""
-        loss = est.loss
-        if self._warned_update or self.config.maximize or not math.isfinite(loss):
-            return
-        if self._first_loss is None:
-            self._first_loss = loss
-            return
-        if loss > 10 * abs(self._first_loss) + 1.0:
-            self._warned_update = True
-            lrs = sorted({float(g["lr"]) for g in self.param_groups})
-            logger.warning(
-                "ZO step %d: the loss went from %.4g to %.4g since the first step: the run diverges (lr=%s). "
-                "ZO needs learning rates 100-10,000x smaller than backprop: MeZO uses 1e-7 to 1e-5 for "
-                "full-parameter fine-tuning and 1e-5 to 1e-3 for LoRA.",
-                step,
-                self._first_loss,
-                loss,
-                lrs[0] if len(lrs) == 1 else lrs,
-            )
 
     def skip(self, *, step: int | None = None) -> None:
         """Skip step ``step``: restore any pending perturbation, count it, advance the step."""
@@ -689,7 +560,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             clipped = True
             self.clipped_steps += 1
         rejected = False
-        self._update_norm = self._grad_norm = float("nan")
+        self._watch.clear()
         if not skipped and self.rule.accept is not None:
             rejected = not self.rule.accept(self, plan, grads, probe, baseline)
         if skipped:
@@ -714,10 +585,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             list(grads) if not skipped else [],
             clipped,
             rejected,
-            self._grad_norm if not skipped else float("nan"),
-            self._update_norm if not (skipped or rejected) else 0.0,
+            self._watch.grad_norm if not skipped else float("nan"),
+            self._watch.update_norm if not (skipped or rejected) else 0.0,
         )
-        self._watch_divergence(step, est)
+        self._watch.note_loss(
+            step, est.loss, self.config.maximize, [float(g["lr"]) for g in self.param_groups]
+        )
         if self._recorder is not None:
             self._recorder.step(
                 step,
@@ -806,10 +679,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             "history": [[[str(s), c] for s, c in terms] for terms in self._history],
             "sparsity_thresholds": dict(self._thresholds),
             "config": self.config.to_dict(),
-            "deferred": {
-                name: dict(kw, update=[[str(s), c] for s, c in kw["update"]])
-                for name, kw in self._deferred.items()
-            },
+            "deferred": self._deferred.state_dict(),
         }
         return sd
 
@@ -847,25 +717,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.rejected_steps = int(zo.get("rejected_steps", 0))
             self._history = [[(int(s), float(c)) for s, c in terms] for terms in zo.get("history", [])]
             self._thresholds = {str(k): float(v) for k, v in zo.get("sparsity_thresholds", {}).items()}
-            if zo.get("deferred"):
-                if self.offload is None:
-                    raise ValueError(
-                        "This checkpoint holds updates of offloaded blocks not yet applied; load it into an "
-                        "optimizer with the same ZOConfig.offload."
-                    )
-                by_name = {s.name: s for s in self.specs()}
-                for name, kw in zo["deferred"].items():
-                    kw = dict(kw, update=[(int(s), float(c)) for s, c in kw["update"]])
-                    self._defer(by_name[name], kw)
+            self._deferred.load_state_dict(zo.get("deferred"), self.specs())
         self.perturber.pending = []
         self._plan = None
-
-
-def _sum_of_squares(t: torch.Tensor, chunk_size: int) -> float:
-    """``sum(t**2)`` in float64, one chunk at a time: a float64 copy of a whole embedding
-    (``t.double().square()``) measured +590 MiB over the model at the first step of OPT-125m."""
-    flat = t.detach().reshape(-1)
-    return sum(float(c.double().square().sum()) for c in flat.split(chunk_size))
 
 
 def _qualname(fn: Callable | None) -> str | None:
