@@ -1021,6 +1021,14 @@ def main() -> None:
     )
     ap.add_argument("--merged-name", default="merged", help="--merge-runs: name of the merged report")
     ap.add_argument(
+        "--drop",
+        nargs="+",
+        default=[],
+        metavar="FILE:VARIANT@MULT:SEED",
+        help="--merge-runs: leave these cells out (FILE: the .runs.json file name), e.g. runs timed "
+        "while other jobs loaded the machine and re-run in a quiet sitting",
+    )
+    ap.add_argument(
         "--step-times",
         type=pathlib.Path,
         default=None,
@@ -1038,7 +1046,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.merge_runs is not None:
-        sweep, settings = merge_runs(args.merge_runs)
+        sweep, settings = merge_runs(args.merge_runs, args.drop)
         n_eval = next(iter(sweep.values()))["curve"][-1]["n"]
         step_cost = json.loads(args.step_times.read_text())["variants"] if args.step_times else None
         goal = goal_summary(sweep, n_eval, step_cost)
@@ -1349,13 +1357,16 @@ def write_runs(args, per_seed: list[dict]) -> None:
     out.write_text(json.dumps({"lr": args.lr, "eps": args.eps, "seeds": seeds, "runs": per_seed}, indent=1))
 
 
-def merge_runs(files: list[str]) -> tuple[dict, dict]:
+def merge_runs(files: list[str], drop: list[str] | tuple = ()) -> tuple[dict, dict]:
     """The per-seed runs of several ``.runs.json`` files (e.g. a seed-0 sweep and a later
     seeds-1-2 run of the contenders) as one sweep: for every run key (``variant@multiplier``),
     the mean curve over every seed any file holds for it.  ``FILE:0,1,2`` names the seeds of a
     file written before the seeds were recorded (default: its ``seeds``, else 0, 1, ...).  A
-    seed run twice for one key, or files with another base lr / eps, are refused.  Returns the
-    merged sweep (each run with ``seeds``: how many, and ``seed_list``) and the settings."""
+    seed run twice for one key, or files with another base lr / eps, are refused; ``drop`` names
+    cells to leave out (``FILE:KEY:SEED``, e.g. a run timed under other jobs' load and re-run in
+    another file).  Returns the merged sweep (each run with ``seeds``: how many, and
+    ``seed_list``) and the settings."""
+    dropped = {tuple(d.rsplit(":", 2)) for d in drop}
     by_key: dict[str, dict[int, dict]] = {}
     settings = None
     for item in files:
@@ -1374,9 +1385,14 @@ def merge_runs(files: list[str]) -> tuple[dict, dict]:
             raise SystemExit(f"{path}: {len(data['runs'])} seeds of runs, {len(seed_list)} seeds named.")
         for seed, runs in zip(seed_list, data["runs"]):
             for key, r in runs.items():
+                if (pathlib.Path(path).name, key, str(seed)) in dropped:
+                    dropped.discard((pathlib.Path(path).name, key, str(seed)))
+                    continue
                 if seed in by_key.setdefault(key, {}):
                     raise SystemExit(f"{key} seed {seed} appears twice ({path}).")
                 by_key[key][seed] = r
+    if dropped:
+        raise SystemExit(f"--drop names cells no file holds: {sorted(':'.join(d) for d in dropped)}")
     sweep = {}
     for key, per in by_key.items():
         seeds = sorted(per)
