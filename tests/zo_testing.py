@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 import torch
 from torch import nn
@@ -277,3 +279,24 @@ def tiny_word_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cmd_for(script, *args, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run`` of ``script`` with ``nproc`` processes on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]

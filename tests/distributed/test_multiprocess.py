@@ -4,23 +4,17 @@ small all-reduce per optimizer step, DDP's gradient buckets never fire."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from zo_testing import free_port, torchrun_cmd_for
 
 JOB = Path(__file__).with_name("ddp_job.py")
 STEPS = 4
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cmd: list[str], out: Path, world: int = 2) -> list[dict]:
@@ -67,19 +61,7 @@ def accelerate_cmd(job: Path, *args: object) -> list[str]:
 
 
 def torchrun_cmd(mode: str, out: Path, job: Path = JOB, zo: str | None = None, nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        str(job),
-        mode,
-        str(out),
-        *([zo] if zo else []),
-    ]
+    return torchrun_cmd_for(job, mode, out, *([zo] if zo else []), nproc=nproc)
 
 
 @pytest.mark.parametrize("mode", ["hf", "plain"])

@@ -9,6 +9,20 @@ import torch
 MAX_STEPS = 2  # every TrainingArguments (and SFTConfig) of a snippet is capped at this
 
 
+def capped_post_init(original):
+    """``TrainingArguments.__post_init__`` with the snippets' cap: at most ``MAX_STEPS`` steps,
+    reporting nowhere, no progress bars."""
+
+    def capped(self, *a, **kw):
+        original(self, *a, **kw)
+        if self.max_steps < 0 or self.max_steps > MAX_STEPS:
+            self.max_steps = MAX_STEPS
+        self.report_to = []
+        self.disable_tqdm = True
+
+    return capped
+
+
 def _collate(rows):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 

@@ -22,7 +22,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
 from docs_snippets import extract_blocks, python_groups  # noqa: E402
-from snippet_namespaces import MAX_STEPS, NAMESPACES  # noqa: E402
+from snippet_namespaces import NAMESPACES, capped_post_init  # noqa: E402
 
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK")
 
@@ -30,16 +30,7 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 def _cap_training_arguments() -> None:
     from transformers import TrainingArguments
 
-    original = TrainingArguments.__post_init__
-
-    def capped(self, *a, **kw):
-        original(self, *a, **kw)
-        if self.max_steps < 0 or self.max_steps > MAX_STEPS:
-            self.max_steps = MAX_STEPS
-        self.report_to = []
-        self.disable_tqdm = True
-
-    TrainingArguments.__post_init__ = capped
+    TrainingArguments.__post_init__ = capped_post_init(TrainingArguments.__post_init__)
 
 
 def _namespace(setup: str, starts_its_own_group: bool) -> dict:

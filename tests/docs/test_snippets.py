@@ -38,7 +38,6 @@ import contextlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,17 +56,12 @@ from docs_snippets import (
     python_groups,
     script_flags,
 )
-from snippet_namespaces import MAX_STEPS, NAMESPACES
+from snippet_namespaces import MAX_STEPS, NAMESPACES, capped_post_init
+from zo_testing import free_port, torchrun_cmd_for
 
 BLOCKS = all_blocks()
 GROUPS = python_groups(BLOCKS)
 MAX_SKIPPED = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -80,16 +74,7 @@ def snippet_env(tmp_path, monkeypatch):
     from zo_plugins.core import registry
 
     monkeypatch.chdir(tmp_path)
-    original = TrainingArguments.__post_init__
-
-    def capped(self, *a, **kw):
-        original(self, *a, **kw)
-        if self.max_steps < 0 or self.max_steps > MAX_STEPS:
-            self.max_steps = MAX_STEPS
-        self.report_to = []
-        self.disable_tqdm = True
-
-    monkeypatch.setattr(TrainingArguments, "__post_init__", capped)
+    monkeypatch.setattr(TrainingArguments, "__post_init__", capped_post_init(TrainingArguments.__post_init__))
     saved = {
         name: dict(table)
         for name, table in vars(registry).items()
@@ -174,19 +159,9 @@ def launch_group(group, nproc: int, out: Path) -> list[dict]:
     """Run a ``launch=N`` block in N torchrun processes (gloo, CPU); every rank must end with
     bit-identical weights, trained away from the start."""
     first = group[0]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(_free_port()),
-        str(Path(__file__).with_name("snippet_worker.py")),
-        str(first.page),
-        str(first.line),
-        str(out),
-    ]
+    cmd = torchrun_cmd_for(
+        Path(__file__).with_name("snippet_worker.py"), first.page, first.line, out, nproc=nproc
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1")
     try:
@@ -219,7 +194,7 @@ def run_group(group, monkeypatch) -> dict:
             "LOCAL_RANK": "0",
             "WORLD_SIZE": "1",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(free_port()),
         }.items():
             monkeypatch.setenv(k, v)
     for block in group:
