@@ -683,14 +683,20 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dict:
+def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None, strict: bool = False) -> dict:
     """Issue 14's question over a learning-rate sweep.  The target is MeZO's best accuracy: its
     highest seed-mean final accuracy over its learning rates.  For every method, over its
     learning rates: the forward passes and the training seconds (optimizer steps only,
     evaluations excluded; seed means) at which its seed-mean accuracy first reaches the target,
     at its fastest learning rate (fewest passes), against MeZO at its fastest; and the final
     accuracy of that run.  The goal: <= 1/3 of MeZO's passes, <= 1/2 of its seconds, and a final
-    accuracy no more than one standard error below the target."""
+    accuracy no more than one standard error below the target.
+
+    "Fastest" counts, for every method and MeZO alike, only the learning rates whose run *holds*
+    the accuracy (final accuracy >= target - 1 SE): one that touches the target and then
+    collapses is not a setting anyone would train with.  Where no learning rate of a method
+    holds, its fastest of all is reported (and its goal is not met).  ``fastest_any`` keeps the
+    unconditional fastest of each method (``strict=True`` compares on it instead)."""
     by_method: dict[str, dict] = {}
     for key, r in sweep.items():
         by_method.setdefault(key.rsplit("@", 1)[0], {})[key] = r
@@ -708,7 +714,7 @@ def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dic
                 return c["forwards"], c.get("train_s")
         return None
 
-    out = {"target": target, "target_run": target_run, "standard_error": se, "methods": {}}
+    out = {"target": target, "target_run": target_run, "standard_error": se, "strict": strict, "methods": {}}
     for name, runs in by_method.items():
         best = max(runs, key=lambda k: final(runs[k]))
         e = {
@@ -728,7 +734,11 @@ def goal_summary(sweep: dict, n_eval: int, step_cost: dict | None = None) -> dic
             best_final_seeds=runs[best].get("seeds", 1),
         )
         if hits:
-            f, sec, k = min(hits)
+            holding = [h for h in hits if final(runs[h[2]]) >= target - se]
+            any_f, any_sec, any_k = min(hits)
+            e["fastest_any"] = {"run": any_k, "forwards": any_f, "seconds": any_sec}
+            f, sec, k = min(hits) if strict or not holding else min(holding)
+            e["holds"] = final(runs[k]) >= target - se
             last = runs[k]["curve"][-1]
             e.update(
                 forwards=f,
@@ -799,7 +809,7 @@ def goal_table(goal: dict) -> str:
             )
             lines.append(
                 f"| {name} | {e['forwards_per_step']} | {e['run'].rsplit('@', 1)[-1]}x ({e['lr']:.3g}) | "
-                f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.1f} | "
+                f"{e.get('seeds', 1)} | {e['forwards']} | {e['forwards_ratio']:.2f} | {e['seconds']:.3g} | "
                 f"{ratio_s} |{at_cost} {acc(e['final_accuracy'], e.get('final_spread'), e.get('seeds', 1))} | "
                 f"{best} | {'**yes**' if e['goal_met'] else 'no'} |"
             )
@@ -813,7 +823,14 @@ def goal_table(goal: dict) -> str:
         f"Target: MeZO's best accuracy {goal['target']:.3f} ({goal['target_run']}, seed mean; one "
         f"standard error {goal['standard_error']:.3f}). Goal: <= 1/3 of MeZO's passes and <= 1/2 of its "
         "seconds to the target, each at its fastest learning rate, with a final accuracy at most one "
-        "standard error below the target."
+        "standard error below the target. "
+        + (
+            "Fastest: of all learning rates, whether the run holds the accuracy or not."
+            if goal.get("strict")
+            else "Fastest: of the learning rates whose run holds the accuracy (final accuracy at most one "
+            "standard error below the target), for MeZO too; a method none of whose runs holds is "
+            "shown at its fastest of all."
+        )
     )
     return "\n".join(lines)
 
@@ -1050,6 +1067,7 @@ def main() -> None:
         n_eval = next(iter(sweep.values()))["curve"][-1]["n"]
         step_cost = json.loads(args.step_times.read_text())["variants"] if args.step_times else None
         goal = goal_summary(sweep, n_eval, step_cost)
+        goal_any = goal_summary(sweep, n_eval, step_cost, strict=True)
         args.output.mkdir(parents=True, exist_ok=True)
         out = args.output / f"convergence-{args.merged_name}.json"
         out.write_text(
@@ -1062,12 +1080,15 @@ def main() -> None:
                     **settings,
                     "n_eval": n_eval,
                     "goal": goal,
+                    "goal_fastest_of_all": goal_any,
                     "sweep_results": sweep,
                 },
                 indent=2,
             )
         )
         print(goal_table(goal))
+        print("\nThe same, each method at its fastest learning rate whether it holds or not:\n")
+        print(goal_table(goal_any))
         png = args.plot_dir / f"convergence-{args.merged_name}-goal.png"
         files = ", ".join(
             pathlib.Path(f.split(":")[0]).name.removesuffix(".runs.json") for f in args.merge_runs

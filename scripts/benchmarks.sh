@@ -14,7 +14,8 @@
 #     offload.py    --models llama-7b --modes disk ...             ~36 min (build 6.5 min, 2 steps)
 #     quantized.py  --part memory                                  not timed end to end
 #     convergence.py: the two final-norm grids of docs/benchmarks.md (--cached; ~5 s per
-#                   300-pass run, 14 variants x 3 learning rates x 3 seeds each)
+#                   300-pass run, 14 variants x 3 learning rates x 3 seeds each), and issue 14's
+#                   sweep on three trainable sets (scripts/convergence_issue14.sh, ~45 min quiet)
 #   The GPU benchmark (benchmarks/kernels.py) needs a GPU and is not part of `all`.
 #
 # Figures go to docs/img/, JSON to benchmarks/results/. The figures embed the machine, date and
@@ -41,6 +42,13 @@ plots() {
     cp "$tmp/$name.png" docs/img/
     echo "wrote docs/img/$name.png"
   done
+  # issue 14's goal figures: seed means of the one-sitting sweeps (the merged JSON goes to $tmp)
+  for set in final-norm full-top2 lora-top2; do
+    python benchmarks/convergence.py --merge-runs "$R/convergence-$set-cached-issue14-quiet.runs.json" \
+      --step-times "$R/step-times-$set-cached-issue14-quiet.json" --merged-name "$set-issue14" \
+      --output "$tmp" --plot-dir docs/img > /dev/null
+    echo "wrote docs/img/convergence-$set-issue14-goal.png"
+  done
   rm -rf "$tmp"
 }
 
@@ -62,6 +70,7 @@ case "$what" in
     python benchmarks/quantized.py --part memory
     python benchmarks/convergence.py --cached --budget 300 --checkpoints 15 --seeds 0 1 2 --lr-sweep 0.3 1 3
     python benchmarks/convergence.py --cached --budget 1200 --checkpoints 12 --seeds 0 1 2 --lr-sweep 0.3 1 3
+    bash scripts/convergence_issue14.sh   # issue 14's sweep: FZOO, HiZOO, Sparse MeZO vs MeZO on 3 sets (~45 min quiet)
     plots
     ;;
   *) echo "usage: bash scripts/benchmarks.sh [plots|quick|all]" >&2; exit 2 ;;

@@ -71,3 +71,29 @@ def test_convergence_merge_drops_named_cells_and_refuses_unknown_ones(tmp_path):
     assert both["seed_list"] == [0, 1] and one["seed_list"] == [0]
     bad = subprocess.run(base + ["--drop", "x.runs.json:mezo@1:1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "no file holds" in bad.stderr
+
+
+def test_goal_counts_only_learning_rates_that_hold_the_accuracy():
+    """A MeZO learning rate that touches the target and collapses is not MeZO's fastest (unless
+    ``strict``); a method is measured at its fastest run that ends within one SE of the target."""
+    import convergence
+
+    def run(points, fwd_per_step=2):
+        curve = [{"forwards": f, "train_s": f / 10, "accuracy": a} for f, a in [(0, 0.5), *points]]
+        return {"curve": curve, "forwards_per_step": fwd_per_step, "lr": 1.0}
+
+    sweep = {
+        "mezo@1": run([(40, 0.55), (80, 0.62), (120, 0.62)]),  # the target: 0.62, at 80 passes
+        "mezo@10": run([(20, 0.63), (80, 0.52), (120, 0.51)]),  # touches it at 20, collapses
+        "fzoo@3": run([(30, 0.63), (80, 0.64), (120, 0.64)], 9),
+    }
+    held = convergence.goal_summary(sweep, n_eval=300)
+    assert held["target"] == 0.62 and held["methods"]["mezo"]["run"] == "mezo@1"
+    assert held["methods"]["mezo"]["fastest_any"]["run"] == "mezo@10"
+    assert held["methods"]["fzoo"]["forwards_ratio"] == 30 / 80
+    strict = convergence.goal_summary(sweep, n_eval=300, strict=True)
+    assert strict["methods"]["mezo"]["run"] == "mezo@10"
+    assert strict["methods"]["fzoo"]["forwards_ratio"] == 30 / 20
+    assert not held["methods"]["fzoo"]["goal_met"]  # 0.375 > 1/3
+    sweep["fzoo@3"] = run([(20, 0.63), (80, 0.64), (120, 0.64)], 9)
+    assert convergence.goal_summary(sweep, n_eval=300)["methods"]["fzoo"]["goal_met"]  # 1/4, 1/4
