@@ -16,12 +16,13 @@ forward; the JSON records each run's training time).
     python benchmarks/convergence.py --cached --trainable full --top-blocks 2 --lr 3e-4 --eps 1e-3 \
         --budget 300 --checkpoints 10 --lr-sweep 0.3 1 3
 
-    # a few cells of the grid per sitting, then seed means over the sittings (issue 14's sweep;
-    # --step-times adds the seconds ratio at one load from a --time-steps file)
-    python benchmarks/convergence.py --cached --trainable lora --lr 2e-2 --seeds 1 --lr-sweep 1 2 3 \
-        --only mezo@1 fzoo-batched@3 --variants mezo fzoo-batched --tag issue14-seed1 --check-full none
-    python benchmarks/convergence.py --merge-runs benchmarks/results/convergence-lora-top2-cached-issue14-seed{0,1}.runs.json \
-        --merged-name lora-top2-issue14 --step-times benchmarks/results/step-times-lora-top2-cached-issue14.json
+    # chosen cells of the variants x learning-rates grid, 3 seeds, then the goal table from the
+    # runs (issue 14's sweep, all of it: scripts/convergence_issue14.sh; --merge-runs also merges
+    # sittings, --step-times adds the seconds ratio at one load from a --time-steps file)
+    python benchmarks/convergence.py --cached --trainable lora --lr 2e-2 --seeds 0 1 2 --lr-sweep 1 2 3 \
+        --only mezo@1 fzoo-batched@3 --variants mezo fzoo-batched --tag issue14-quiet --check-full none
+    python benchmarks/convergence.py --merge-runs benchmarks/results/convergence-lora-top2-cached-issue14-quiet.runs.json \
+        --merged-name lora-top2-issue14 --step-times benchmarks/results/step-times-lora-top2-cached-issue14-quiet.json
 
 Writes ``benchmarks/results/convergence-<trainable>.json``, a table on stdout and, when
 matplotlib is installed, ``docs/img/convergence-<trainable>.png`` (accuracy and loss vs forward
