@@ -42,13 +42,9 @@ plots() {
     cp "$tmp/$name.png" docs/img/
     echo "wrote docs/img/$name.png"
   done
-  # issue 14's goal figures: seed means of the one-sitting sweeps (the merged JSON goes to $tmp)
-  for set in final-norm full-top2 lora-top2; do
-    python benchmarks/convergence.py --merge-runs "$R/convergence-$set-cached-issue14-quiet.runs.json" \
-      --step-times "$R/step-times-$set-cached-issue14-quiet.json" --merged-name "$set-issue14" \
-      --output "$tmp" --plot-dir docs/img > /dev/null
-    echo "wrote docs/img/convergence-$set-issue14-goal.png"
-  done
+  # issue 14's goal figures, from the sweep's runs (the merged JSON goes to $tmp)
+  MERGE_OUT="$tmp" bash scripts/convergence_issue14.sh merge > /dev/null
+  echo "wrote docs/img/convergence-{final-norm,full-top2,lora-top2}-issue14-goal.png"
   rm -rf "$tmp"
 }
 

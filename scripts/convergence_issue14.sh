@@ -5,9 +5,29 @@
 # all in one sitting (so the seconds compare), then each method's step time at one load and
 # the goal tables and figures. ~45 minutes on a quiet 2-core CPU; run nothing else meanwhile.
 #
-#   bash scripts/convergence_issue14.sh
+#   bash scripts/convergence_issue14.sh          # the sweep, then the tables and figures
+#   bash scripts/convergence_issue14.sh merge    # only the tables and figures, from benchmarks/results
+#                                                # (MERGE_OUT=DIR: their JSON into DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = merge ]; then
+  . .venv/bin/activate
+  R=benchmarks/results
+  out=${MERGE_OUT:-$R}
+  L=convergence-lora-top2-cached-issue14-quiet.runs.json
+  drop=()  # LoRA's deciding cells: their finely evaluated runs replace the coarse ones
+  for cell in mezo@1 fzoo-batched@3 fzoo-q4-batched@3; do
+    for seed in 0 1 2; do drop+=("$L:$cell:$seed"); done
+  done
+  python benchmarks/convergence.py --merge-runs "$R/convergence-final-norm-cached-issue14-fine.runs.json" \
+    --step-times "$R/step-times-final-norm-cached-issue14-quiet.json" --merged-name final-norm-issue14 --output "$out"
+  python benchmarks/convergence.py --merge-runs "$R/convergence-full-top2-cached-issue14-quiet.runs.json" \
+    --step-times "$R/step-times-full-top2-cached-issue14-quiet.json" --merged-name full-top2-issue14 --output "$out"
+  python benchmarks/convergence.py --merge-runs "$R/$L" "$R/convergence-lora-top2-cached-issue14-fine-mezo.runs.json" \
+    "$R/convergence-lora-top2-cached-issue14-fine-fzoo.runs.json" --drop "${drop[@]}" \
+    --step-times "$R/step-times-lora-top2-cached-issue14-quiet.json" --merged-name lora-top2-issue14 --output "$out"
+  exit 0
+fi
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
@@ -17,9 +37,11 @@ HIZOO_A3='hizoo-a1e-3={"estimator": "hizoo", "optimizer": "hizoo", "hessian_smoo
 FULL="--trainable full --top-blocks 2 --lr 3e-4 --eps 1e-3"
 LORA="--trainable lora --top-blocks 2 --lr 2e-2 --eps 1e-2"
 
-# the main job's trainable set (the final norm, 576 parameters): the whole grid
-$C --budget 300 --checkpoints 15 --seeds 0 1 2 --lr-sweep 0.3 1 3 10 --tag issue14-quiet \
-  --define "$HIZOO_A3" \
+# the main job's trainable set (the final norm, 576 parameters): the whole grid, evaluated every
+# 2 passes to 60, every 4 to 160 (the passes to the target, resolved), every 20 to 300
+FN_AT="$(seq -s ' ' 2 2 60) $(seq -s ' ' 64 4 160) $(seq -s ' ' 180 20 300)"
+$C --budget 300 --eval-at $FN_AT --seeds 0 1 2 --lr-sweep 0.3 1 3 10 --tag issue14-fine \
+  --check-full none --define "$HIZOO_A3" \
   --variants mezo fzoo-batched fzoo-q4-batched hizoo hizoo-a1e-3 hizoo-a0.01 sparse-mezo forward-grad
 # every weight of the last two layers (7.1M): the learning rates that bracket each method's best
 $C $FULL --budget 160 --checkpoints 8 --seeds 0 1 2 --lr-sweep 1 3 10 30 --tag issue14-quiet \
@@ -30,6 +52,12 @@ $C $FULL --budget 160 --checkpoints 8 --seeds 0 1 2 --lr-sweep 1 3 10 30 --tag i
 $C $LORA --budget 300 --checkpoints 10 --seeds 0 1 2 --lr-sweep 1 1.5 2 3 10 --tag issue14-quiet \
   --check-full none --variants mezo fzoo-batched fzoo-q4-batched hizoo \
   --only mezo@1 mezo@1.5 mezo@2 fzoo-batched@3 fzoo-batched@10 fzoo-q4-batched@3 hizoo@1 hizoo@3
+# ... and the cells that decide LoRA's ratios again, evaluated finely where they reach the target
+$C $LORA --budget 300 --seeds 0 1 2 --lr-sweep 1 1.5 2 3 10 --tag issue14-fine-mezo --check-full none \
+  --eval-at $(seq -s ' ' 30 30 240) $(seq -s ' ' 246 6 300) --variants mezo --only mezo@1
+$C $LORA --budget 300 --seeds 0 1 2 --lr-sweep 1 1.5 2 3 10 --tag issue14-fine-fzoo --check-full none \
+  --eval-at 30 $(seq -s ' ' 60 5 180) $(seq -s ' ' 210 30 300) \
+  --variants fzoo-batched fzoo-q4-batched --only fzoo-batched@3 fzoo-q4-batched@3
 # seconds per step at one load: the methods' steps interleaved round-robin in one process
 $C --check-full none --time-steps 30 --tag issue14-quiet --define "$HIZOO_A3" \
   --variants mezo fzoo-batched fzoo-q4-batched hizoo hizoo-a1e-3 sparse-mezo forward-grad
@@ -38,7 +66,4 @@ $C $FULL --check-full none --time-steps 5 --tag issue14-quiet \
 $C $LORA --check-full none --time-steps 6 --tag issue14-quiet \
   --variants mezo fzoo fzoo-batched fzoo-q4-batched hizoo
 # the goal tables (stdout) and figures (docs/img/convergence-<set>-issue14-goal.png)
-for set in final-norm full-top2 lora-top2; do
-  python benchmarks/convergence.py --merge-runs "$R/convergence-$set-cached-issue14-quiet.runs.json" \
-    --step-times "$R/step-times-$set-cached-issue14-quiet.json" --merged-name "$set-issue14"
-done
+bash scripts/convergence_issue14.sh merge
