@@ -14,17 +14,20 @@ if [ "${1:-}" = merge ]; then
   . .venv/bin/activate
   R=benchmarks/results
   out=${MERGE_OUT:-$R}
-  L=convergence-lora-top2-cached-issue14-quiet.runs.json
-  drop=()  # LoRA's deciding cells: their finely evaluated runs replace the coarse ones
-  for cell in mezo@1 fzoo-batched@3 fzoo-q4-batched@3; do
-    for seed in 0 1 2; do drop+=("$L:$cell:$seed"); done
-  done
+  # cells run again with finer evaluations replace their coarse runs
+  drops() { local f=$1; shift; for cell in "$@"; do for seed in 0 1 2; do echo "$f:$cell:$seed"; done; done; }
+  F=convergence-full-top2-cached-issue14
+  L=convergence-lora-top2-cached-issue14
   python benchmarks/convergence.py --merge-runs "$R/convergence-final-norm-cached-issue14-fine.runs.json" \
+    "$R/convergence-final-norm-cached-issue14-fine-edges.runs.json" \
     --step-times "$R/step-times-final-norm-cached-issue14-quiet.json" --merged-name final-norm-issue14 --output "$out"
-  python benchmarks/convergence.py --merge-runs "$R/convergence-full-top2-cached-issue14-quiet.runs.json" \
+  python benchmarks/convergence.py --merge-runs "$R/$F-quiet.runs.json" "$R/$F-edges.runs.json" \
+    "$R/$F-fine-edges.runs.json" "$R/$F-edges2.runs.json" \
+    --drop $(drops "$F-quiet.runs.json" mezo@3) $(drops "$F-edges.runs.json" sparse-mezo@30) \
     --step-times "$R/step-times-full-top2-cached-issue14-quiet.json" --merged-name full-top2-issue14 --output "$out"
-  python benchmarks/convergence.py --merge-runs "$R/$L" "$R/convergence-lora-top2-cached-issue14-fine-mezo.runs.json" \
-    "$R/convergence-lora-top2-cached-issue14-fine-fzoo.runs.json" --drop "${drop[@]}" \
+  python benchmarks/convergence.py --merge-runs "$R/$L-quiet.runs.json" "$R/$L-fine-mezo.runs.json" \
+    "$R/$L-fine-fzoo.runs.json" "$R/$L-edges.runs.json" \
+    --drop $(drops "$L-quiet.runs.json" mezo@1 fzoo-batched@3 fzoo-q4-batched@3) \
     --step-times "$R/step-times-lora-top2-cached-issue14-quiet.json" --merged-name lora-top2-issue14 --output "$out"
   exit 0
 fi
@@ -58,6 +61,24 @@ $C $LORA --budget 300 --seeds 0 1 2 --lr-sweep 1 1.5 2 3 10 --tag issue14-fine-m
 $C $LORA --budget 300 --seeds 0 1 2 --lr-sweep 1 1.5 2 3 10 --tag issue14-fine-fzoo --check-full none \
   --eval-at 30 $(seq -s ' ' 60 5 180) $(seq -s ' ' 210 30 300) \
   --variants fzoo-batched fzoo-q4-batched --only fzoo-batched@3 fzoo-q4-batched@3
+# one learning rate beyond each method's range where its fastest holding one was at an edge
+$C $FULL --budget 160 --checkpoints 8 --seeds 0 1 2 --lr-sweep 10 30 100 --tag issue14-edges \
+  --check-full none --variants fzoo-batched fzoo-q4-batched hizoo sparse-mezo \
+  --only fzoo-batched@100 fzoo-q4-batched@100 hizoo@10 sparse-mezo@30
+$C $LORA --budget 300 --seeds 0 1 2 --lr-sweep 1.5 10 --tag issue14-edges --check-full none \
+  --eval-at 30 $(seq -s ' ' 60 5 180) $(seq -s ' ' 210 30 300) \
+  --variants fzoo-q4-batched --only fzoo-q4-batched@1.5 fzoo-q4-batched@10
+# ... and beyond again, with the deciding cells evaluated finely
+$C --budget 300 --eval-at $FN_AT --seeds 0 1 2 --lr-sweep 5 30 100 --tag issue14-fine-edges \
+  --check-full none --define "$HIZOO_A3" \
+  --variants mezo fzoo-batched fzoo-q4-batched hizoo hizoo-a1e-3 hizoo-a0.01 sparse-mezo forward-grad \
+  --only mezo@5 fzoo-batched@30 fzoo-batched@100 fzoo-q4-batched@30 fzoo-q4-batched@100 hizoo@30 hizoo@100 \
+         hizoo-a1e-3@30 hizoo-a1e-3@100 hizoo-a0.01@30 hizoo-a0.01@100 sparse-mezo@30 sparse-mezo@100 \
+         forward-grad@30 forward-grad@100
+$C $FULL --budget 160 --seeds 0 1 2 --lr-sweep 3 5 30 --eval-at $(seq -s ' ' 5 5 100) 120 140 160 \
+  --tag issue14-fine-edges --check-full none --variants mezo sparse-mezo --only mezo@3 mezo@5 sparse-mezo@30
+$C $FULL --budget 160 --checkpoints 8 --seeds 0 1 2 --lr-sweep 100 300 --tag issue14-edges2 \
+  --check-full none --variants fzoo-batched sparse-mezo --only fzoo-batched@300 sparse-mezo@100
 # seconds per step at one load: the methods' steps interleaved round-robin in one process
 $C --check-full none --time-steps 30 --tag issue14-quiet --define "$HIZOO_A3" \
   --variants mezo fzoo-batched fzoo-q4-batched hizoo hizoo-a1e-3 sparse-mezo forward-grad
