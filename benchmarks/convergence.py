@@ -843,7 +843,15 @@ def machine() -> str:
 
 def caption(report: dict) -> str:
     """What a figure says under its title: the command, the machine and the date of its JSON."""
-    command = report.get("command") or "benchmarks/convergence.py (command not recorded)"
+    command = report.get("command")
+    if not command:  # a JSON written before commands were recorded: its settings
+        keys = ("trainable", "top_blocks", "budget", "lr", "eps", "seeds", "lr_sweep")
+        flags = " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k in keys
+            if (v := report.get(k)) is not None
+        )
+        command = f"python benchmarks/convergence.py{' --cached' if report.get('cached') else ''} {flags}"
     text = f"{command} -- {report.get('machine', 'machine not recorded')}, {report.get('date', '?')}"
     return "\n".join(textwrap.wrap(text, 170))
 
