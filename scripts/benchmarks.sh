@@ -15,7 +15,7 @@
 #     quantized.py  --part memory                                  not timed end to end
 #     convergence.py: the two final-norm grids of docs/benchmarks.md (--cached; ~5 s per
 #                   300-pass run, 14 variants x 3 learning rates x 3 seeds each), and issue 14's
-#                   sweep on three trainable sets (scripts/convergence_issue14.sh, ~45 min quiet)
+#                   sweep on three trainable sets (scripts/convergence_issue14.sh, ~80 min quiet)
 #   The GPU benchmark (benchmarks/kernels.py) needs a GPU and is not part of `all`.
 #
 # Figures go to docs/img/, JSON to benchmarks/results/. The figures embed the machine, date and
@@ -66,7 +66,7 @@ case "$what" in
     python benchmarks/quantized.py --part memory
     python benchmarks/convergence.py --cached --budget 300 --checkpoints 15 --seeds 0 1 2 --lr-sweep 0.3 1 3
     python benchmarks/convergence.py --cached --budget 1200 --checkpoints 12 --seeds 0 1 2 --lr-sweep 0.3 1 3
-    bash scripts/convergence_issue14.sh   # issue 14's sweep: FZOO, HiZOO, Sparse MeZO vs MeZO on 3 sets (~45 min quiet)
+    bash scripts/convergence_issue14.sh   # issue 14's sweep: FZOO, HiZOO, Sparse MeZO vs MeZO on 3 sets (~80 min quiet)
     plots
     ;;
   *) echo "usage: bash scripts/benchmarks.sh [plots|quick|all]" >&2; exit 2 ;;

@@ -3,7 +3,7 @@
 # HiZOO (alpha 1e-6, 1e-3, 1e-2), Sparse MeZO and forward-grad on the embedded task's three
 # trainable sets, 3 seeds, each method at several multiples of the set's base learning rate,
 # all in one sitting (so the seconds compare), then each method's step time at one load and
-# the goal tables and figures. ~45 minutes on a quiet 2-core CPU; run nothing else meanwhile.
+# the goal tables and figures. ~80 minutes on a quiet 2-core CPU (the sum of its parts as they ran here, 2026-12-01); run nothing else meanwhile.
 #
 #   bash scripts/convergence_issue14.sh          # the sweep, then the tables and figures
 #   bash scripts/convergence_issue14.sh merge    # only the tables and figures, from benchmarks/results
