@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .passes import ParamSpec, internal_reads
+from .watch import sum_of_squares
 
 __all__ = ["find_blocks", "BlockOffload", "OFFLOAD_MODES", "materialize_on_disk"]
 
@@ -306,9 +307,7 @@ class BlockOffload:
         if self.sumsq is not None and i not in self.sumsq:
             with torch.no_grad():
                 self.sumsq[i] = sum(
-                    sum(float(c.double().square().sum()) for c in p.detach().reshape(-1).split(1 << 20))
-                    for _, _, p in self._named(i)
-                    if p.requires_grad
+                    sum_of_squares(p, 1 << 20) for _, _, p in self._named(i) if p.requires_grad
                 )
 
     def depart(self, i: int) -> None:
