@@ -79,6 +79,8 @@ VARIANTS: dict[str, tuple[dict, float]] = {
         {"estimator": "fzoo", "n_queries": 8, "distribution": "rademacher", "batched_copies": True},
         1.0,
     ),
+    # N = 4 one probe per forward: what the HF Trainer path runs (its closure takes no copies)
+    "fzoo-q4": ({"estimator": "fzoo", "n_queries": 4, "distribution": "rademacher"}, 1.0),
     "fzoo-q4-batched": (
         {"estimator": "fzoo", "n_queries": 4, "distribution": "rademacher", "batched_copies": True},
         1.0,

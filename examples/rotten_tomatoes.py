@@ -9,7 +9,7 @@ in MeZO / LM-BFF: the template ``"{text} It was"`` (MeZO's SST-2 template) ends 
 model says one of the single-token label words `` terrible`` / `` great``; accuracy is the
 argmax over those two logits at the answer position.
 
-Settings and why (measured on a 2-core CPU, 2026-11-23):
+Settings and why (measured on a 2-core CPU, 2026-11-23 and 2026-12-01):
 
 * Loss: cross-entropy over the two label words' logits (LM-BFF's / MeZO's classification
   loss), passed as ``ZOCallback(objective=...)``.  The causal-LM loss over the whole vocabulary
@@ -24,6 +24,15 @@ Settings and why (measured on a 2-core CPU, 2026-11-23):
   final hidden states (the same ZO-SGD on the same 576 weights, 3 seeds): lr 1e-2 reached
   63.3% at 250 steps, lr 2e-2 with linear decay 63.2%, 2 or 4 directions per step at the same
   forward budget 62-63%, lr 3e-3 61.8% at 300 steps.
+* MeZO (``--estimator spsa``), not FZOO: at this job's budget (500 forwards) and evaluation split,
+  simulated on cached states (3 seeds, every 10 forwards, 2026-12-01; docs/benchmarks.md,
+  "Issue 14"), FZOO with N = 4 (``--estimator fzoo --n-queries 4 --distribution rademacher``)
+  at its best learning rate, 5e-2, ends at 0.661 and MeZO at its best, also 5e-2, at 0.662,
+  MeZO reaching the accuracy of this default sooner (60 forwards against 90).  The real job,
+  one seed each, 2026-12-01: FZOO N = 4, lr 5e-2, 100 steps: 51.0% -> 67.0% in 521 s; MeZO,
+  lr 5e-2, 250 steps: 51.0% -> 69.8% in 539 s.  Averaged over the second half of the budget
+  the simulated MeZO runs at 1e-2, 3e-2 and 5e-2 are within 0.004 of each other (0.644-0.648),
+  so the default learning rate stays.
 
 Result of ``python examples/rotten_tomatoes.py`` (defaults), 2 cores, 2026-11-23:
 zero-shot 51.0% (the model says "great" for 97% of the reviews) -> 64.0% after 250 ZO steps,
@@ -258,11 +267,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="label-words: cross-entropy over the two label words (LM-BFF/MeZO); "
         "lm: the causal-LM loss of the label word over the whole vocabulary",
     )
-    p.add_argument("--lr", type=float, default=1e-2, help="ZO-SGD learning rate (Trainer learning_rate)")
+    p.add_argument("--lr", type=float, default=1e-2, help="learning rate (Trainer learning_rate)")
     p.add_argument("--eps", type=float, default=1e-2, help="ZO perturbation scale")
     p.add_argument("--steps", type=int, default=250, help="optimizer steps (Trainer max_steps)")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
-    p.add_argument("--n-queries", type=int, default=1, help="directions per step (2 forwards each)")
+    p.add_argument(
+        "--estimator",
+        default="spsa",
+        choices=["spsa", "forward", "fzoo", "hizoo"],
+        help="ZOConfig.estimator: spsa (MeZO), forward, fzoo (FZOO: n_queries one-sided probes "
+        "+ the unperturbed loss, the step normalised by their spread), hizoo (with --optimizer hizoo)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="zo-sgd",
+        choices=["zo-sgd", "zo-sgd-momentum", "zo-sgd-sign", "zo-adam", "hizoo"],
+        help="ZOConfig.optimizer (the update rule)",
+    )
+    p.add_argument(
+        "--n-queries",
+        type=int,
+        default=1,
+        help="directions per step (spsa: 2 forwards each; forward and fzoo: n_queries + 1 forwards in all)",
+    )
     p.add_argument("--distribution", default="gaussian", choices=["gaussian", "rademacher"])
     p.add_argument("--lr-scheduler", default="constant", help="Trainer lr_scheduler_type")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -350,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         objective=label_word_objective(label_ids) if args.objective == "label-words" else None,
         eps=args.eps,
         seed=args.seed,
+        estimator=args.estimator,
+        optimizer=args.optimizer,
         n_queries=args.n_queries,
         distribution=args.distribution,
         trajectory_path=str(trajectory),

@@ -15,7 +15,7 @@
 #     quantized.py  --part memory                                  not timed end to end
 #     convergence.py: the two final-norm grids of docs/benchmarks.md (--cached; ~5 s per
 #                   300-pass run, 14 variants x 3 learning rates x 3 seeds each), and issue 14's
-#                   sweep on three trainable sets (scripts/convergence_issue14.sh, ~80 min quiet)
+#                   sweep on three trainable sets (scripts/convergence_issue14.sh, ~85 min quiet)
 #   The GPU benchmark (benchmarks/kernels.py) needs a GPU and is not part of `all`.
 #
 # Figures go to docs/img/, JSON to benchmarks/results/. The figures embed the machine, date and
@@ -35,7 +35,7 @@ plots() {
   python benchmarks/quantized.py --part plot --host vm
   # convergence.py --report rewrites the JSON it reads (its summary): draw from a copy
   tmp=$(mktemp -d)
-  for name in convergence-final-norm-cached-300 convergence-final-norm-cached-1200 \
+  for name in convergence-final-norm-cached-300 convergence-final-norm-cached-1200 convergence-final-norm-cached-issue14-mainjob \
               convergence-full-top2-cached-300 convergence-lora-top2-cached-300; do
     cp "$R/$name.json" "$tmp/"
     python benchmarks/convergence.py --report "$tmp/$name.json" --plot-dir "$tmp" > /dev/null

@@ -3,7 +3,7 @@
 # HiZOO (alpha 1e-6, 1e-3, 1e-2), Sparse MeZO and forward-grad on the embedded task's three
 # trainable sets, 3 seeds, each method at several multiples of the set's base learning rate,
 # all in one sitting (so the seconds compare), then each method's step time at one load and
-# the goal tables and figures. ~80 minutes on a quiet 2-core CPU (the sum of its parts as they ran here, 2026-12-01); run nothing else meanwhile.
+# the goal tables and figures. ~85 minutes on a quiet 2-core CPU (the sum of its parts as they ran here, 2026-12-01); run nothing else meanwhile.
 #
 #   bash scripts/convergence_issue14.sh          # the sweep, then the tables and figures
 #   bash scripts/convergence_issue14.sh merge    # only the tables and figures, from benchmarks/results
@@ -79,6 +79,11 @@ $C $FULL --budget 160 --seeds 0 1 2 --lr-sweep 3 5 30 --eval-at $(seq -s ' ' 5 5
   --tag issue14-fine-edges --check-full none --variants mezo sparse-mezo --only mezo@3 mezo@5 sparse-mezo@30
 $C $FULL --budget 160 --checkpoints 8 --seeds 0 1 2 --lr-sweep 100 300 --tag issue14-edges2 \
   --check-full none --variants fzoo-batched sparse-mezo --only fzoo-batched@300 sparse-mezo@100
+# the main job's own budget and split (500 passes = its 250 MeZO steps, its 500 held-out
+# examples), evaluated every 10 passes: MeZO against FZOO N = 4 one probe per forward (what the
+# HF Trainer path runs), whether FZOO should become the main job's default (~6 min)
+$C --budget 500 --eval-at $(seq -s ' ' 10 10 500) --seeds 0 1 2 --lr 1e-2 --eps 1e-2 --n-eval 500 \
+  --lr-sweep 1 3 5 10 30 --tag issue14-mainjob --check-full none --variants mezo fzoo-q4
 # seconds per step at one load: the methods' steps interleaved round-robin in one process
 $C --check-full none --time-steps 30 --tag issue14-quiet --define "$HIZOO_A3" \
   --variants mezo fzoo-batched fzoo-q4-batched hizoo hizoo-a1e-3 sparse-mezo forward-grad
