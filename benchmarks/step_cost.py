@@ -32,6 +32,7 @@ MODES = {
     "zo-onevisit": "ZOOptimizer.step, gaussian, schedule='one-visit' (both forwards in one pass, batch 2B)",
     "zo-rademacher": "ZOOptimizer.step, rademacher, defaults (cheapest directions)",
     "zo-forward-grad": "ZOOptimizer.step, estimator='forward-grad' (one forward-mode AD pass: exact grad . z)",
+    "zo-fzoo": "ZOOptimizer.step, estimator='fzoo', n_queries=4, rademacher (FZOO: 5 forwards, one probe each)",
     "naive-mezo": "reference MeZO step: 4 out-of-place passes, full-size z per tensor, global RNG reseeded",
     "adamw": "forward + backward + torch.optim.AdamW step",
 }
@@ -132,6 +133,8 @@ def child(model_name: str, mode: str, batch: int, seq: int, repeats: int, thread
             kw["distribution"] = "rademacher"
         if mode == "zo-forward-grad":
             kw["estimator"] = "forward-grad"
+        if mode == "zo-fzoo":
+            kw.update(estimator="fzoo", n_queries=4, distribution="rademacher")
         opt = ZOOptimizer(model, lr=1e-7, eps=1e-3, **kw)
 
         def step():
@@ -230,6 +233,8 @@ def ratios(res: dict[str, dict]) -> dict[str, float]:
         "adamw peak growth / zo peak growth (default)": (mem, "adamw", "zo", 1),
         "forward-grad step / 1 forward": (t, "zo-forward-grad", "forward", 1),
         "forward-grad peak growth / inference peak growth": (mem, "zo-forward-grad", "forward", 1),
+        "fzoo step / 5 forwards (N = 4)": (t, "zo-fzoo", "forward", 5),
+        "fzoo peak growth / zo peak growth (default)": (mem, "zo-fzoo", "zo", 1),
         "naive MeZO step / our step (gaussian, default)": (t, "naive-mezo", "zo", 1),
         "naive MeZO step / our step (rademacher, default)": (t, "naive-mezo", "zo-rademacher", 1),
     }

@@ -310,6 +310,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def zo_config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ZOConfig`` fields the command line sets, checked: a bad combination (say
+    ``--estimator hizoo`` without ``--optimizer hizoo``) raises ZOConfig's error naming the fix
+    before the model is loaded."""
+    from zo_plugins import ZOConfig
+
+    fields = {
+        "eps": args.eps,
+        "seed": args.seed,
+        "estimator": args.estimator,
+        "optimizer": args.optimizer,
+        "n_queries": args.n_queries,
+        "distribution": args.distribution,
+    }
+    ZOConfig(**fields)
+    return fields
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -318,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    zo_fields = zo_config_fields(args)
 
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
@@ -375,13 +394,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start_weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     zo = ZOCallback(
         objective=label_word_objective(label_ids) if args.objective == "label-words" else None,
-        eps=args.eps,
-        seed=args.seed,
-        estimator=args.estimator,
-        optimizer=args.optimizer,
-        n_queries=args.n_queries,
-        distribution=args.distribution,
         trajectory_path=str(trajectory),
+        **zo_fields,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=collate, callbacks=[zo])
     t0 = time.perf_counter()

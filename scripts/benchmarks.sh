@@ -66,7 +66,7 @@ case "$what" in
     python benchmarks/quantized.py --part memory
     python benchmarks/convergence.py --cached --budget 300 --checkpoints 15 --seeds 0 1 2 --lr-sweep 0.3 1 3
     python benchmarks/convergence.py --cached --budget 1200 --checkpoints 12 --seeds 0 1 2 --lr-sweep 0.3 1 3
-    bash scripts/convergence_issue14.sh   # issue 14's sweep: FZOO, HiZOO, Sparse MeZO vs MeZO on 3 sets (~80 min quiet)
+    bash scripts/convergence_issue14.sh   # issue 14's sweep: FZOO, HiZOO, Sparse MeZO vs MeZO on 3 sets (~85 min quiet)
     plots
     ;;
   *) echo "usage: bash scripts/benchmarks.sh [plots|quick|all]" >&2; exit 2 ;;

@@ -51,6 +51,21 @@ def test_convergence_reports_and_figures_carry_machine_date_and_command(tmp_path
         {"command": "python benchmarks/convergence.py --x", "machine": "M", "date": "D"}
     )
     assert note == "python benchmarks/convergence.py --x -- M, D"
+    # a JSON written before commands were recorded: the command rebuilt from its settings
+    old = {
+        "cached": True,
+        "trainable": "lora",
+        "top_blocks": 2,
+        "budget": 300,
+        "lr": 0.02,
+        "seeds": [0, 1, 2],
+        "machine": "M",
+        "date": "D",
+    }
+    assert convergence.caption(old) == (
+        "python benchmarks/convergence.py --cached --trainable lora --top-blocks 2 --budget 300 "
+        "--lr 0.02 --seeds 0 1 2 -- M, D"
+    )
 
 
 def test_convergence_merge_drops_named_cells_and_refuses_unknown_ones(tmp_path):
